@@ -1,0 +1,133 @@
+"""The contract every runtime implements, and the request/chunk types all of them share.
+
+A backend owns one loaded model on one device. The engine calls `generate` from a worker thread and
+reads the chunks as they come; `cancel` may be called from any other thread and must make the stream
+end (finish_reason "cancelled") within one decode step.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class BackendError(RuntimeError):
+    """A backend could not load or serve; the message names the cause and the fix."""
+
+
+class ContextOverflowError(BackendError, ValueError):
+    """The prompt plus max_new_tokens does not fit the model's context window."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings. temperature == 0 (or greedy=True) means greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (got {self.temperature!r}); use 0 for greedy")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1] (got {self.top_p!r})")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0, 0 meaning off (got {self.top_k!r})")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, 1.0 meaning off (got {self.repetition_penalty!r})")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            problems.append(f"seed must be a non-negative integer or None (got {self.seed!r})")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            problems.append(f"stop strings must be non-empty strings (got {self.stop!r})")
+        if problems:
+            raise ValueError("Invalid sampling parameters: " + "; ".join(problems))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: either chat `messages` (the model's chat template is applied) or a raw `prompt`."""
+
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("GenerationRequest needs exactly one of `messages` (chat) or `prompt` (raw text)")
+        if self.messages is not None:
+            if not self.messages:
+                raise ValueError("messages is empty: pass at least one {'role': ..., 'content': ...}")
+            for i, m in enumerate(self.messages):
+                if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                    raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content' (got {m!r})")
+
+
+@dataclass
+class TokenChunk:
+    """A piece of a streamed reply. The last chunk of a stream has finish_reason set."""
+
+    request_id: str
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    name: str  # "onnxruntime-genai" | "torch"
+    device: str  # "cpu" | "gpu" | "npu"
+    provider: str  # what actually executes, e.g. "CPUExecutionProvider", "QNNExecutionProvider", "cuda:0"
+    precision: str  # "int4" | "int8" | "fp16" | "bf16" | "fp32"
+    max_batch_size: int
+    context_length: int
+    simulated: bool = False
+    streaming: bool = True
+
+
+@dataclass
+class BackendHealth:
+    healthy: bool
+    active_requests: int = 0
+    detail: str = ""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One loaded model on one device."""
+
+    def load(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> Iterator[TokenChunk]: ...
+
+    def cancel(self, request_id: str) -> bool: ...
+
+    def capabilities(self) -> BackendCapabilities: ...
+
+    def health(self) -> BackendHealth: ...
+
+    def unload(self) -> None: ...
