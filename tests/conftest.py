@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tiny_models import TINY_CONFIGS, build_tiny_model  # noqa: E402
+from tiny_models import TINY_CONFIGS, build_tiny_model
 
 
 @pytest.fixture(scope="session")

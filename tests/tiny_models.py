@@ -32,20 +32,40 @@ CORPUS = [
 # Shapes small enough to export and run in seconds, large enough to exercise GQA, rotary and MLP paths.
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
     ),
     "qwen2": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
     ),
     "mistral": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, sliding_window=None,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=None,
     ),
     "phi3": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256, original_max_position_embeddings=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        original_max_position_embeddings=256,
     ),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
 }
@@ -85,7 +105,11 @@ def build_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
     bos = tokenizer.convert_tokens_to_ids("<|im_start|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = AutoConfig.for_model(
-        arch, vocab_size=len(tokenizer), bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+        arch,
+        vocab_size=len(tokenizer),
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
         **TINY_CONFIGS[arch],
     )
     torch.manual_seed(seed)
