@@ -48,9 +48,7 @@ class SamplingParams:
         if not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"top_k must be an integer >= 0, 0 meaning off (got {self.top_k!r})")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            problems.append(
-                f"repetition_penalty must be > 0, 1.0 meaning off (got {self.repetition_penalty!r})"
-            )
+            problems.append(f"repetition_penalty must be > 0, 1.0 meaning off (got {self.repetition_penalty!r})")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             problems.append(f"seed must be a non-negative integer or None (got {self.seed!r})")
         if isinstance(self.stop, str):
@@ -78,9 +76,7 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
-            raise ValueError(
-                "GenerationRequest needs exactly one of `messages` (chat) or `prompt` (raw text)"
-            )
+            raise ValueError("GenerationRequest needs exactly one of `messages` (chat) or `prompt` (raw text)")
         if self.messages is not None:
             if not self.messages:
                 raise ValueError("messages is empty: pass at least one {'role': ..., 'content': ...}")

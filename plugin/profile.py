@@ -98,9 +98,7 @@ def profile_from_config(
         num_kv_heads=int(_first(config, "num_key_value_heads", "multi_query_group_num", default=heads)),
         head_dim=int(_first(config, "head_dim", default=h // heads)),
         vocab_size=int(config.vocab_size),
-        context_length=int(
-            _first(config, "max_position_embeddings", "n_positions", "seq_length", default=2048)
-        ),
+        context_length=int(_first(config, "max_position_embeddings", "n_positions", "seq_length", default=2048)),
         has_chat_template=has_chat_template,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
     )
