@@ -1,0 +1,175 @@
+"""Gradio chat page over the engine: streaming replies, where each one ran and why, live device load.
+
+Run with `accelserve chat [--model M]` (or `make demo` for the default model). Binds 127.0.0.1 by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from plugin.engine import Engine
+
+log = logging.getLogger(__name__)
+
+POLICIES = ["auto", "latency", "energy", "gpu", "npu", "cpu"]
+SEPARATOR = "\n\n---\n"
+
+
+def placement_markdown(placement: Any, metrics: Any | None) -> str:
+    """The line shown under every reply: device, backend, provider, precision, simulated, reason, speed."""
+    sim = " (simulated: runs on the CPU)" if placement.simulated else ""
+    parts = [
+        f"**{placement.device.upper()}**{sim}",
+        placement.backend,
+        f"`{placement.provider}`",
+        placement.precision,
+    ]
+    if metrics is not None:
+        if metrics.ttft_s is not None:
+            parts.append(f"TTFT {metrics.ttft_s * 1000:.0f} ms")
+        if metrics.tokens_per_s is not None:
+            parts.append(f"{metrics.tokens_per_s:.1f} tok/s")
+        parts.append(f"{metrics.new_tokens} tokens")
+    return " · ".join(parts) + f"  \n*{placement.reason}*"
+
+
+def inventory_markdown(engine: Engine) -> str:
+    rows = [
+        "| device | name | simulated | healthy | loaded (provider) | active | waiting |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in engine.status():
+        loaded = ", ".join(f"{x['backend']} {x['precision']} ({x['provider']})" for x in s["loaded"]) or "-"
+        health = "yes" if s["healthy"] else f"no: {s['unhealthy_reason']}"
+        sim = "yes" if s["simulated"] else "no"
+        rows.append(
+            f"| {s['device_id']} | {s['name']} | {sim} | {health} | {loaded} | {s['active']} | {s['waiting']} |"
+        )
+    return "\n".join(rows)
+
+
+class ChatSession:
+    """The callbacks of one page, bound to one engine. Tracks each browser session's running request."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._running: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def respond(
+        self,
+        message: str,
+        history: list[dict[str, Any]],
+        clean_history: list[dict[str, str]],
+        policy: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        request: gr.Request | None = None,
+    ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, str]], str]]:
+        """Stream a reply into the chatbot; `clean_history` is what the model sees (no placement lines)."""
+        session = request.session_hash if request is not None else "local"
+        message = (message or "").strip()
+        if not message:
+            yield history, clean_history, ""
+            return
+        clean_history = [*clean_history, {"role": "user", "content": message}]
+        history = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": "…"}]
+        yield history, clean_history, ""
+        text = ""
+        try:
+            stream = self.engine.chat(
+                clean_history,
+                stream=True,
+                policy=policy,
+                max_new_tokens=int(max_new_tokens),
+                temperature=float(temperature),
+                top_p=float(top_p),
+            )
+            for chunk in stream:
+                with self._lock:
+                    self._running[session] = chunk.request_id
+                text += chunk.text
+                footer = ""
+                if chunk.finish_reason is not None:
+                    if chunk.finish_reason == "cancelled":
+                        text += " ⏹ *(stopped)*"
+                    elif chunk.finish_reason == "error":
+                        text += f"\n\n⚠️ {chunk.error}"
+                    footer = SEPARATOR + placement_markdown(chunk.placement, chunk.metrics)
+                history[-1] = {"role": "assistant", "content": (text or "…") + footer}
+                yield history, clean_history, ""
+            clean_history = [*clean_history, {"role": "assistant", "content": text}]
+        except Exception as e:  # shown on the page, never as a traceback; the page stays usable
+            log.warning("chat request failed: %s", e)
+            history[-1] = {"role": "assistant", "content": f"⚠️ **{type(e).__name__}**: {e}"}
+            clean_history = clean_history[:-1]
+        finally:
+            with self._lock:
+                self._running.pop(session, None)
+        yield history, clean_history, ""
+
+    def stop(self, request: gr.Request | None = None) -> None:
+        session = request.session_hash if request is not None else "local"
+        with self._lock:
+            request_id = self._running.get(session)
+        if request_id:
+            self.engine.cancel(request_id)
+
+
+def build_app(engine: Engine) -> gr.Blocks:
+    session = ChatSession(engine)
+    title = f"accelserve · {engine.model.ref} ({engine.model.profile.num_parameters / 1e6:.0f}M params)"
+    with gr.Blocks(title="accelserve chat") as app:
+        gr.Markdown(f"## {title}")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chatbot")
+                clean_history = gr.State([])
+                with gr.Row():
+                    box = gr.Textbox(placeholder="Ask something…", show_label=False, scale=5, elem_id="prompt")
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+                clear = gr.Button("New chat", size="sm")
+            with gr.Column(scale=2):
+                policy = gr.Radio(
+                    POLICIES, value=engine.policy if engine.policy in POLICIES else "auto", label="Policy"
+                )
+                max_new = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")
+                temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
+                inventory = gr.Markdown(inventory_markdown(engine), elem_id="inventory")
+                timer = gr.Timer(2.0)
+        inputs = [box, chatbot, clean_history, policy, max_new, temperature, top_p]
+        outputs = [chatbot, clean_history, box]
+        for trigger in (box.submit, send.click):
+            trigger(session.respond, inputs, outputs, concurrency_limit=None).then(
+                lambda: inventory_markdown(engine), None, inventory
+            )
+        stop.click(session.stop, None, None, queue=False)
+        clear.click(lambda: ([], []), None, [chatbot, clean_history])
+        timer.tick(lambda: inventory_markdown(engine), None, inventory)
+    return app
+
+
+def launch(
+    model_ref: str = "default", host: str = "127.0.0.1", port: int = 7860, policy: str = "auto", share: bool = False
+) -> None:
+    engine = Engine.from_pretrained(model_ref, policy=policy)
+    placement = engine.preload()
+    log.info("ready: %s on %s via %s (%s)", model_ref, placement.device_id, placement.backend, placement.provider)
+    app = build_app(engine)
+    try:
+        app.queue(default_concurrency_limit=None).launch(server_name=host, server_port=port, share=share)
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    launch()

@@ -1,0 +1,599 @@
+"""The serving loop: place each request, load the backend it needs, stream its tokens, fall back on failure.
+
+An asyncio loop on a background thread owns all scheduling state. Each loaded backend gets a worker: a
+fixed number of slots (the backend's max batch size) and a bounded waiting line; a request that finds
+the line full fails at once with `Overloaded`. Backends are blocking iterators, so each admitted
+request runs on a thread of a shared pool and its chunks are piped back into the loop. A slot is freed
+only when the backend thread has really stopped, so a cancelled request frees capacity the moment the
+backend honours the cancel.
+
+Failures: a backend that fails to load, or fails a request before streaming any text, marks its device
+unhealthy (exponential back-off) and the request is placed again without that device; the reply's
+placement names the device that served it and the failures that moved it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backends.base import Backend, GenerationRequest, SamplingParams, TokenChunk
+from plugin.costmodel import CostModel
+from plugin.devices import DeviceInfo, discover_devices
+from plugin.health import HealthTracker
+from plugin.models import ResolvedModel, resolve_model
+from plugin.scheduler import DeviceLoad, Placement, PlacementError, PlacementRequest, place
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[ResolvedModel, Placement, DeviceInfo], Backend]
+
+
+class EngineError(RuntimeError):
+    """A request could not be served; the message says why and what to do."""
+
+
+class Overloaded(EngineError):
+    """The chosen backend's waiting line is full. Retry later or raise `max_queue`."""
+
+
+class NoDeviceAvailable(EngineError):
+    """No device could serve the request (none fits, pinned device absent, or all failed)."""
+
+
+@dataclass
+class RequestMetrics:
+    queue_wait_s: float = 0.0
+    ttft_s: float | None = None
+    tokens_per_s: float | None = None  # decode rate after the first token
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    total_s: float = 0.0
+    load_s: float = 0.0  # time spent loading (and exporting) a backend for this request, if any
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ChatChunk:
+    """A piece of a streamed reply; the last one has finish_reason and metrics set."""
+
+    text: str
+    placement: Placement
+    request_id: str
+    finish_reason: str | None = None
+    metrics: RequestMetrics | None = None
+    error: str | None = None
+
+
+@dataclass
+class ChatReply:
+    text: str
+    placement: Placement
+    metrics: RequestMetrics
+    finish_reason: str
+    request_id: str = ""
+
+
+@dataclass
+class _Slot:
+    """A loaded backend and its worker state (all fields touched only on the engine loop)."""
+
+    key: tuple[str, str, str]  # (device_id, backend, precision)
+    backend: Backend
+    device: DeviceInfo
+    provider: str
+    device_kind: str  # what really runs it: may differ from the placement when a provider fell back
+    simulated: bool
+    capacity: int
+    weight_bytes: int
+    active: int = 0
+    waiting: int = 0
+    waiting_tokens: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.capacity)
+
+
+_DONE = object()
+
+
+class Engine:
+    """Serves one model across the machine's devices. Thread-safe; sync and async APIs."""
+
+    def __init__(
+        self,
+        model: ResolvedModel,
+        *,
+        policy: str = "auto",
+        devices: Sequence[DeviceInfo] | None = None,
+        backend_factory: BackendFactory | None = None,
+        cost_model: CostModel | None = None,
+        health: HealthTracker | None = None,
+        max_queue: int = 32,
+        memory_fraction: float = 0.8,
+    ) -> None:
+        self.model = model
+        self.policy = policy
+        self.devices: list[DeviceInfo] = list(devices) if devices is not None else discover_devices()
+        self.max_queue = max_queue
+        self.memory_fraction = memory_fraction
+        self.health = health or HealthTracker()
+        self.costs = cost_model if cost_model is not None else CostModel.load_default()
+        if backend_factory is None:
+            from plugin.loaders import default_backend_factory
+
+            backend_factory = default_backend_factory
+        self._factory = backend_factory
+        self._slots: dict[tuple[str, str, str], _Slot] = {}
+        self._load_locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self._tokenizer: Any = None
+        self._tokenizer_lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="accelserve-gen")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="accelserve-engine", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_ref: str | Path = "default", *, policy: str = "auto", **kwargs: Any) -> Engine:
+        """Resolve a model reference ("default", a folder, a .gguf file or a cached hub id) and serve it."""
+        return cls(resolve_model(model_ref), policy=policy, **kwargs)
+
+    def close(self) -> None:
+        """Unload every backend and stop the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+        asyncio.run_coroutine_threadsafe(self._unload_all(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- public API -----------------------------------------------------------------------------
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        stream: bool = False,
+        policy: str | None = None,
+        **sampling: Any,
+    ) -> ChatReply | Iterator[ChatChunk]:
+        """Chat completion. `stream=True` returns an iterator of ChatChunk; otherwise a ChatReply."""
+        request = GenerationRequest(messages=messages, sampling=_sampling(sampling))
+        return self._sync(request, policy, stream)
+
+    def complete(
+        self, prompt: str, *, stream: bool = False, policy: str | None = None, **sampling: Any
+    ) -> ChatReply | Iterator[ChatChunk]:
+        """Raw text completion (no chat template)."""
+        request = GenerationRequest(prompt=prompt, sampling=_sampling(sampling))
+        return self._sync(request, policy, stream)
+
+    async def achat(
+        self, messages: list[dict[str, str]], *, policy: str | None = None, **sampling: Any
+    ) -> AsyncIterator[ChatChunk]:
+        """Async streaming chat, usable from any event loop."""
+        request = GenerationRequest(messages=messages, sampling=_sampling(sampling))
+        async for chunk in self.astream(request, policy=policy):
+            yield chunk
+
+    async def astream(self, request: GenerationRequest, *, policy: str | None = None) -> AsyncIterator[ChatChunk]:
+        """Stream any GenerationRequest from the caller's event loop."""
+        caller = asyncio.get_running_loop()
+        q: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for chunk in self._stream(request, policy or self.policy):
+                    caller.call_soon_threadsafe(q.put_nowait, chunk)
+            except BaseException as e:
+                caller.call_soon_threadsafe(q.put_nowait, e)
+            finally:
+                caller.call_soon_threadsafe(q.put_nowait, _DONE)
+
+        fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while (item := await q.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            fut.cancel()
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a running request by id (any thread). True if a backend knew it."""
+        return any(slot.backend.cancel(request_id) for slot in list(self._slots.values()))
+
+    def status(self) -> list[dict[str, Any]]:
+        """Per-device load and health, for dashboards and /health."""
+        out = []
+        for d in self.devices:
+            loaded = [s for s in self._slots.values() if s.device.id == d.id]
+            out.append(
+                {
+                    "device_id": d.id,
+                    "kind": d.kind,
+                    "name": d.name,
+                    "simulated": d.simulated,
+                    "healthy": self.health.is_healthy(d.id),
+                    "unhealthy_reason": self.health.reason(d.id),
+                    "loaded": [
+                        {
+                            "backend": s.key[1],
+                            "precision": s.key[2],
+                            "provider": s.provider,
+                            "active": s.active,
+                            "waiting": s.waiting,
+                            "capacity": s.capacity,
+                        }
+                        for s in loaded
+                    ],
+                    "active": sum(s.active for s in loaded),
+                    "waiting": sum(s.waiting for s in loaded),
+                }
+            )
+        return out
+
+    def predict(self, request: GenerationRequest, policy: str | None = None) -> Placement:
+        """Where this request would go now, without running it."""
+        return place(
+            self.model.profile,
+            self.devices,
+            self._placement_request(request),
+            policy or self.policy,
+            load=self._load_snapshot(),
+            costs=self.costs,
+        )
+
+    def preload(self, policy: str | None = None) -> Placement:
+        """Load (exporting if needed) the backend a typical short chat would be placed on; return that placement."""
+        request = GenerationRequest(messages=[{"role": "user", "content": "Hello"}])
+        placement = self.predict(request, policy)
+        slot = asyncio.run_coroutine_threadsafe(self._get_slot(placement), self._loop).result()
+        return self._as_served(placement, slot, [], [])
+
+    # ---- sync bridge ----------------------------------------------------------------------------
+    def _sync(self, request: GenerationRequest, policy: str | None, stream: bool) -> ChatReply | Iterator[ChatChunk]:
+        if self._closed:
+            raise EngineError("engine is closed; create a new Engine")
+        chunks = self._sync_stream(request, policy or self.policy)
+        return chunks if stream else _collect(chunks)
+
+    def _sync_stream(self, request: GenerationRequest, policy: str) -> Iterator[ChatChunk]:
+        q: queue.Queue[Any] = queue.Queue()
+
+        async def pump() -> None:
+            try:
+                async for chunk in self._stream(request, policy):
+                    q.put(chunk)
+            except BaseException as e:
+                q.put(e)
+            finally:
+                q.put(_DONE)
+
+        fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while (item := q.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            fut.cancel()
+
+    # ---- core (runs on the engine loop) -----------------------------------------------------------
+    async def _stream(self, request: GenerationRequest, policy: str) -> AsyncIterator[ChatChunk]:
+        preq = self._placement_request(request)
+        failures: list[str] = []
+        tried: list[str] = []
+        while True:
+            placement = self._place(preq, policy, tried, failures)
+            t0 = time.perf_counter()
+            try:
+                slot = await self._get_slot(placement)
+            except Exception as e:
+                self._record_failure(placement, f"load failed: {e}", tried, failures)
+                continue
+            load_s = time.perf_counter() - t0
+            placement = self._as_served(placement, slot, tried, failures)
+            streamed_any = False
+            async for item in self._run_on_slot(slot, request, placement, preq, load_s):
+                if isinstance(item, _FailedBeforeOutput):
+                    self._record_failure(placement, item.reason, tried, failures)
+                    break
+                streamed_any = True
+                yield item
+            else:
+                if streamed_any:
+                    self.health.mark_success(slot.device.id)
+                return
+
+    def _place(self, preq: PlacementRequest, policy: str, tried: list[str], failures: list[str]) -> Placement:
+        try:
+            return place(
+                self.model.profile,
+                self.devices,
+                preq,
+                policy,
+                load=self._load_snapshot(),
+                costs=self.costs,
+                exclude=tried,
+            )
+        except PlacementError as e:
+            if failures:
+                raise NoDeviceAvailable(f"{e} Earlier attempts failed: {'; '.join(failures)}") from e
+            raise NoDeviceAvailable(str(e)) from e
+
+    def _record_failure(self, placement: Placement, reason: str, tried: list[str], failures: list[str]) -> None:
+        backoff = self.health.mark_failure(placement.device_id, reason)
+        tried.append(placement.device_id)
+        failures.append(f"{placement.device_id} ({placement.backend}): {reason}")
+        log.warning(
+            "%s failed: %s; marked unhealthy for %.0fs, trying the next device", placement.device_id, reason, backoff
+        )
+
+    def _as_served(self, placement: Placement, slot: _Slot, tried: list[str], failures: list[str]) -> Placement:
+        """The placement as it really runs: the provider that loaded, and what moved it here."""
+        reason = placement.reason
+        if slot.device_kind != placement.device:
+            reason += (
+                f" The {placement.device.upper()} provider could not load, so it runs on the "
+                f"{slot.device_kind.upper()} ({slot.provider})."
+            )
+        if failures:
+            reason += " Fell back after: " + "; ".join(failures) + "."
+        return dataclasses.replace(
+            placement,
+            device=slot.device_kind,
+            provider=slot.provider,
+            simulated=slot.simulated,
+            reason=reason,
+            fallback_from=tuple(tried),
+        )
+
+    async def _run_on_slot(
+        self, slot: _Slot, request: GenerationRequest, placement: Placement, preq: PlacementRequest, load_s: float
+    ) -> AsyncIterator[ChatChunk | _FailedBeforeOutput]:
+        if slot.waiting >= self.max_queue:
+            raise Overloaded(
+                f"{placement.device_id} ({placement.backend}) has {slot.waiting} requests waiting, the limit is "
+                f"{self.max_queue}; retry later or start the engine with a larger max_queue"
+            )
+        metrics = RequestMetrics(load_s=load_s)
+        t_queued = time.perf_counter()
+        slot.waiting += 1
+        slot.waiting_tokens += preq.prompt_tokens + preq.max_new_tokens
+        try:
+            await slot.slots.acquire()
+        finally:
+            slot.waiting -= 1
+            slot.waiting_tokens -= preq.prompt_tokens + preq.max_new_tokens
+        slot.active += 1
+        slot.last_used = time.monotonic()
+        t_start = time.perf_counter()
+        metrics.queue_wait_s = t_start - t_queued
+        chunks: asyncio.Queue[Any] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def produce() -> None:
+            try:
+                for chunk in slot.backend.generate(request):
+                    loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+            except BaseException as e:
+                loop.call_soon_threadsafe(chunks.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(chunks.put_nowait, _DONE)
+
+        def release(_: object) -> None:
+            loop.call_soon_threadsafe(self._release, slot)
+
+        worker = loop.run_in_executor(self._pool, produce)
+        worker.add_done_callback(release)
+        finished = False
+        t_first = t_last = None
+        try:
+            while (item := await chunks.get()) is not _DONE:
+                error = _error_of(item)
+                if error is not None:
+                    finished = True
+                    if isinstance(item, ValueError):  # a bad request: no other device would do better
+                        raise item
+                    if metrics.new_tokens == 0:
+                        yield _FailedBeforeOutput(error)
+                        return
+                    metrics.total_s = time.perf_counter() - t_start
+                    yield ChatChunk("", placement, request.request_id, "error", metrics, error=error)
+                    return
+                chunk: TokenChunk = item
+                now = time.perf_counter()
+                if chunk.prompt_tokens:
+                    metrics.prompt_tokens = chunk.prompt_tokens
+                if chunk.token_ids:
+                    if t_first is None:
+                        t_first = now
+                        metrics.ttft_s = now - t_start
+                    t_last = now
+                    metrics.new_tokens += len(chunk.token_ids)
+                if chunk.finish_reason is not None:
+                    finished = True
+                    metrics.total_s = now - t_start
+                    if t_first is not None and t_last is not None and metrics.new_tokens > 1 and t_last > t_first:
+                        metrics.tokens_per_s = (metrics.new_tokens - 1) / (t_last - t_first)
+                    self._observe(placement, metrics)
+                    yield ChatChunk(chunk.text, placement, request.request_id, chunk.finish_reason, metrics)
+                    return
+                if chunk.text or chunk.token_ids:
+                    yield ChatChunk(chunk.text, placement, request.request_id)
+        finally:
+            if not finished:
+                slot.backend.cancel(request.request_id)
+
+    def _release(self, slot: _Slot) -> None:
+        slot.active -= 1
+        slot.last_used = time.monotonic()
+        slot.slots.release()
+
+    def _observe(self, placement: Placement, metrics: RequestMetrics) -> None:
+        """Feed measured rates back into the cost model the scheduler predicts with."""
+        prefill_tps = metrics.prompt_tokens / metrics.ttft_s if metrics.ttft_s and metrics.prompt_tokens else None
+        try:
+            self.costs.observe(
+                placement.device_id, self.model.profile, prefill_tps=prefill_tps, decode_tps=metrics.tokens_per_s
+            )
+        except OSError as e:  # a read-only cache must not fail the request that was served
+            log.warning("could not persist measured rates: %s", e)
+
+    async def _get_slot(self, placement: Placement) -> _Slot:
+        key = (placement.device_id, placement.backend, placement.precision)
+        if key in self._slots:
+            return self._slots[key]
+        lock = self._load_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in self._slots:
+                return self._slots[key]
+            device = next(d for d in self.devices if d.id == placement.device_id)
+            weight_bytes = self.model.profile.weight_bytes(placement.precision)
+            await self._make_room(device, weight_bytes)
+            loop = asyncio.get_running_loop()
+            backend = await loop.run_in_executor(self._pool, self._load_backend, placement, device)
+            caps = backend.capabilities()
+            slot = _Slot(
+                key=key,
+                backend=backend,
+                device=device,
+                provider=caps.provider,
+                device_kind=caps.device,
+                simulated=caps.simulated,
+                capacity=max(1, caps.max_batch_size),
+                weight_bytes=weight_bytes,
+            )
+            self._slots[key] = slot
+            log.info("loaded %s on %s via %s (%s)", self.model.ref, device.id, caps.name, caps.provider)
+            return slot
+
+    def _load_backend(self, placement: Placement, device: DeviceInfo) -> Backend:
+        backend = self._factory(self.model, placement, device)
+        backend.load()
+        return backend
+
+    async def _make_room(self, device: DeviceInfo, needed: int) -> None:
+        """Unload idle backends on this device, least recently used first, until `needed` bytes fit."""
+        budget = int(device.memory_bytes * self.memory_fraction)
+        on_device = sorted((s for s in self._slots.values() if s.device.id == device.id), key=lambda s: s.last_used)
+        used = sum(s.weight_bytes for s in on_device)
+        for slot in on_device:
+            if used + needed <= budget:
+                break
+            if slot.active or slot.waiting:
+                continue
+            log.info("unloading idle %s from %s to make room", slot.key, device.id)
+            await self._unload(slot)
+            used -= slot.weight_bytes
+
+    async def _unload(self, slot: _Slot) -> None:
+        self._slots.pop(slot.key, None)
+        await asyncio.get_running_loop().run_in_executor(self._pool, slot.backend.unload)
+
+    async def _unload_all(self) -> None:
+        for slot in list(self._slots.values()):
+            await self._unload(slot)
+
+    def unload_idle(self, idle_s: float = 0.0) -> int:
+        """Unload backends idle for at least `idle_s` seconds; returns how many were unloaded."""
+
+        async def run() -> int:
+            now = time.monotonic()
+            idle = [s for s in self._slots.values() if not s.active and not s.waiting and now - s.last_used >= idle_s]
+            for s in idle:
+                await self._unload(s)
+            return len(idle)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _load_snapshot(self) -> dict[str, DeviceLoad]:
+        snap = {}
+        for d in self.devices:
+            slots = [s for s in self._slots.values() if s.device.id == d.id]
+            snap[d.id] = DeviceLoad(
+                queued_requests=sum(s.waiting for s in slots),
+                active_requests=sum(s.active for s in slots),
+                queued_tokens=sum(s.waiting_tokens for s in slots),
+                healthy=self.health.is_healthy(d.id),
+                unhealthy_reason=self.health.reason(d.id),
+            )
+        return snap
+
+    def _placement_request(self, request: GenerationRequest) -> PlacementRequest:
+        return PlacementRequest(
+            prompt_tokens=self._count_prompt_tokens(request), max_new_tokens=request.sampling.max_new_tokens
+        )
+
+    def _count_prompt_tokens(self, request: GenerationRequest) -> int:
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(self.model.path)
+            tok = self._tokenizer
+        if request.messages is not None:
+            if tok.chat_template:
+                return len(tok.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True))
+            return len(tok.encode("\n".join(m["content"] for m in request.messages)))
+        return len(tok.encode(request.prompt or ""))
+
+
+@dataclass
+class _FailedBeforeOutput:
+    reason: str
+
+
+def _error_of(item: TokenChunk | BaseException) -> str | None:
+    """The error text of a raised exception or an error chunk; None for a normal chunk."""
+    if isinstance(item, BaseException):
+        return f"{type(item).__name__}: {item}"
+    if item.finish_reason == "error":
+        return item.error or "backend error"
+    return None
+
+
+def _sampling(kwargs: dict[str, Any]) -> SamplingParams:
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    unknown = set(kwargs) - known
+    if unknown:
+        raise TypeError(f"unknown generation option(s) {sorted(unknown)}; accepted: {sorted(known)}")
+    if isinstance(kwargs.get("stop"), list):
+        kwargs = {**kwargs, "stop": tuple(kwargs["stop"])}
+    return SamplingParams(**kwargs)
+
+
+def _collect(chunks: Iterator[ChatChunk]) -> ChatReply:
+    parts: list[str] = []
+    last: ChatChunk | None = None
+    for chunk in chunks:
+        parts.append(chunk.text)
+        last = chunk
+    if last is None or last.metrics is None:
+        raise EngineError("the backend ended the stream without a final chunk")
+    if last.finish_reason == "error":
+        raise EngineError(f"generation failed on {last.placement.device_id}: {last.error}")
+    return ChatReply("".join(parts), last.placement, last.metrics, last.finish_reason or "stop", last.request_id)

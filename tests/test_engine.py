@@ -1,0 +1,226 @@
+"""Engine: placement → load → stream, fallback with back-off, bounded queues, cancellation, concurrency."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+
+import pytest
+from fakes import FakeBackend, device
+from plugin.costmodel import CostModel
+from plugin.models import resolve_model
+
+from plugin.engine import ChatReply, Engine, NoDeviceAvailable, Overloaded
+from plugin.health import HealthTracker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def tiny(tiny_llama, accelserve_home):
+    return resolve_model(tiny_llama)
+
+
+def make_engine(model, kinds=("cpu", "gpu", "npu"), backends=None, **kw):
+    """An engine over fake devices whose factory hands out (and remembers) one FakeBackend per device."""
+    backends = backends if backends is not None else {}
+    made: dict[str, FakeBackend] = {}
+
+    def factory(resolved, placement, dev):
+        b = backends.get(dev.kind) or FakeBackend(dev.kind)
+        made[dev.kind] = b
+        return b
+
+    kw.setdefault("cost_model", CostModel(path=None))
+    engine = Engine(model, devices=[device(k) for k in kinds], backend_factory=factory, **kw)
+    return engine, made
+
+
+def test_chat_reports_placement_and_metrics(tiny):
+    engine, _ = make_engine(tiny)
+    with engine:
+        reply = engine.chat([{"role": "user", "content": "hello there"}], max_new_tokens=16)
+    assert isinstance(reply, ChatReply)
+    assert reply.text == "echo: hello there"
+    assert reply.placement.device == "npu"  # a tiny model goes to the NPU under auto
+    assert reply.placement.simulated is True
+    assert reply.placement.provider == "CPUExecutionProvider"
+    assert reply.placement.reason
+    assert reply.metrics.new_tokens == 3
+    assert reply.metrics.ttft_s is not None and reply.metrics.ttft_s >= 0
+    assert reply.finish_reason == "stop"
+
+
+def test_streaming_matches_non_streaming(tiny):
+    engine, _ = make_engine(tiny)
+    with engine:
+        msgs = [{"role": "user", "content": "one two three"}]
+        streamed = list(engine.chat(msgs, stream=True))
+        reply = engine.chat(msgs)
+    assert "".join(c.text for c in streamed) == reply.text
+    assert streamed[-1].finish_reason == "stop" and streamed[-1].metrics is not None
+    assert all(c.finish_reason is None for c in streamed[:-1])
+
+
+def test_fallback_when_load_fails(tiny):
+    health = HealthTracker(clock=Clock())
+    engine, _ = make_engine(tiny, backends={"npu": FakeBackend("npu", fail_load=True)}, health=health)
+    with engine:
+        reply = engine.chat([{"role": "user", "content": "hi"}])
+    assert reply.placement.device != "npu"
+    assert reply.placement.fallback_from == ("npu:0",)
+    assert "provider missing" in reply.placement.reason
+    assert not health.is_healthy("npu:0")
+    assert "provider missing" in health.reason("npu:0")
+
+
+def test_fallback_when_first_token_fails(tiny):
+    engine, _ = make_engine(tiny, backends={"npu": FakeBackend("npu", fail_first=True)})
+    with engine:
+        reply = engine.chat([{"role": "user", "content": "hi"}])
+        assert reply.text == "echo: hi"
+        assert reply.placement.fallback_from == ("npu:0",)
+        assert "device lost" in reply.placement.reason
+        # the next request avoids the unhealthy NPU without trying it
+        again = engine.chat([{"role": "user", "content": "again"}])
+    assert again.placement.device == reply.placement.device
+    assert again.placement.fallback_from == ()
+
+
+def test_backoff_expiry_returns_device(tiny):
+    clock = Clock()
+    health = HealthTracker(base_backoff_s=10, clock=clock)
+    npu = FakeBackend("npu", fail_first=True)
+    engine, _ = make_engine(tiny, backends={"npu": npu}, health=health)
+    with engine:
+        assert engine.chat([{"role": "user", "content": "a"}]).placement.device != "npu"
+        npu.fail_first = False
+        assert engine.chat([{"role": "user", "content": "b"}]).placement.device != "npu"
+        clock.now += 11
+        assert engine.chat([{"role": "user", "content": "c"}]).placement.device == "npu"
+        # a second failure doubles the back-off
+        npu.fail_first = True
+        engine.chat([{"role": "user", "content": "d"}])
+        clock.now += 11
+        assert not health.is_healthy("npu:0")
+        clock.now += 10
+        assert health.is_healthy("npu:0")
+
+
+def test_all_devices_failing_is_a_clear_error(tiny):
+    engine, _ = make_engine(
+        tiny,
+        kinds=("cpu", "npu"),
+        backends={"npu": FakeBackend("npu", fail_load=True), "cpu": FakeBackend("cpu", fail_load=True)},
+    )
+    with engine, pytest.raises(NoDeviceAvailable, match="provider missing"):
+        engine.chat([{"role": "user", "content": "hi"}])
+
+
+def test_pinned_absent_device_is_an_error_not_a_move(tiny):
+    engine, made = make_engine(tiny, kinds=("cpu", "npu"))
+    with engine, pytest.raises(NoDeviceAvailable, match="gpu"):
+        engine.chat([{"role": "user", "content": "hi"}], policy="gpu")
+    assert made == {}
+
+
+def test_bounded_queue_rejects_when_full(tiny):
+    slow = FakeBackend("npu", token_delay_s=0.05, capacity=1, words=30)
+    engine, _ = make_engine(tiny, kinds=("cpu", "npu"), backends={"npu": slow}, max_queue=1, policy="npu")
+    msgs = [{"role": "user", "content": "x"}]
+    with engine:
+        engine.preload()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            running = pool.submit(engine.chat, msgs)
+            time.sleep(0.15)
+            waiting = pool.submit(engine.chat, msgs)
+            time.sleep(0.15)
+            with pytest.raises(Overloaded, match="max_queue"):
+                engine.chat(msgs)
+            assert running.result().finish_reason == "stop"
+            assert waiting.result().metrics.queue_wait_s > 0.5
+
+
+def test_eight_concurrent_chats_get_their_own_text(tiny):
+    engine, made = make_engine(
+        tiny,
+        kinds=("cpu", "gpu", "npu"),
+        backends={"npu": FakeBackend("npu", token_delay_s=0.01), "gpu": FakeBackend("gpu", token_delay_s=0.01)},
+    )
+    with engine, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = {i: pool.submit(engine.chat, [{"role": "user", "content": f"request {i}"}]) for i in range(8)}
+        replies = {i: f.result() for i, f in futures.items()}
+    for i, reply in replies.items():
+        assert reply.text == f"echo: request {i}"
+    assert sum(len(b.served) for b in made.values()) == 8
+
+
+def test_cancel_frees_capacity(tiny):
+    slow = FakeBackend("npu", token_delay_s=0.02, capacity=1, words=200)
+    engine, _ = make_engine(tiny, kinds=("cpu", "npu"), backends={"npu": slow}, policy="npu")
+    with engine:
+        stream = engine.chat([{"role": "user", "content": "long"}], stream=True)
+        first = next(stream)
+        assert first.text
+        stream.close()  # the caller walks away: the engine must cancel the backend
+        deadline = time.time() + 2
+        while time.time() < deadline and (not slow.cancelled or engine.status()[1]["active"]):
+            time.sleep(0.01)
+        assert first.request_id in slow.cancelled
+        assert engine.status()[1]["active"] == 0
+        # capacity is back: a new request runs immediately
+        assert engine.chat([{"role": "user", "content": "next"}], max_new_tokens=8).metrics.queue_wait_s < 0.5
+
+
+async def test_achat_streams_from_callers_loop(tiny):
+    engine, _ = make_engine(tiny)
+    with engine:
+        chunks = [c async for c in engine.achat([{"role": "user", "content": "async hi"}])]
+    assert "".join(c.text for c in chunks) == "echo: async hi"
+    assert chunks[-1].metrics is not None
+
+
+def test_unknown_generation_option_is_rejected(tiny):
+    engine, _ = make_engine(tiny)
+    with engine, pytest.raises(TypeError, match="max_tokens"):
+        engine.chat([{"role": "user", "content": "x"}], max_tokens=3)
+
+
+def test_status_reports_loaded_backends(tiny):
+    engine, _ = make_engine(tiny)
+    with engine:
+        engine.chat([{"role": "user", "content": "x"}])
+        status = {s["device_id"]: s for s in engine.status()}
+        assert status["npu:0"]["loaded"][0]["provider"] == "CPUExecutionProvider"
+        assert status["gpu:0"]["loaded"] == []
+        assert engine.unload_idle() == 1
+        assert {s["device_id"]: s for s in engine.status()}["npu:0"]["loaded"] == []
+
+
+def test_engine_is_thread_safe_for_status_during_load(tiny):
+    engine, _ = make_engine(tiny)
+    stop = threading.Event()
+    errors = []
+
+    def poll():
+        while not stop.is_set():
+            try:
+                engine.status()
+            except Exception as e:  # a dashboard polling must never crash
+                errors.append(e)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    with engine:
+        for i in range(5):
+            engine.chat([{"role": "user", "content": str(i)}])
+    stop.set()
+    t.join()
+    assert errors == []
