@@ -1,0 +1,429 @@
+"""Iteration-level (continuous) batching for a transformers causal LM, on CUDA or the CPU.
+
+Design (the simplest one that is exactly right):
+- One scheduler thread owns the model. `submit` puts a request on a queue; the thread answers through
+  the request's own chunk queue. Nothing else touches the model, so no locks around forward passes.
+- A new request is prefilled alone (batch 1, no padding, its own DynamicCache), its first token is
+  chosen from the prefill logits and streamed at once, then its KV cache is merged into the running
+  batch before the next decode step.
+- The running batch is one DynamicCache of shape [B, heads, L, head_dim] kept LEFT-padded: a row whose
+  sequence is shorter than L has zero keys/values in its first columns, masked out by a 2-D attention
+  mask [B, L]. Merging pads whichever side is shorter on the left and concatenates on the batch axis.
+  Every row carries its own position id (its real token count), so rotary/absolute positions never
+  see the padding; the mask hides it from attention. Each decode step feeds one token per row
+  ([B, 1]) and appends one column to the mask. With no padding at all the mask is dropped, so a
+  single stream runs exactly like plain `model.generate`.
+- A finished or cancelled row leaves at once: its index is dropped from the cache and mask, then any
+  leading columns that have become padding for every remaining row are cut off.
+- Each row keeps its own SamplingParams, torch.Generator, stop matcher, detokenizer, EOS set and
+  max_new_tokens. Greedy rows are decided by one batched argmax; only sampling rows take the per-row
+  path.
+- Memory: a request is admitted only when the padded cache of the batch with it included fits the KV
+  budget; otherwise it waits for rows to leave. An out-of-memory error in a forward pass rolls the
+  cache back and fails one request (the one being prefilled, or the newest row of the batch) with an
+  error chunk; the loop carries on with the rest.
+
+transformers 4.57 ships its own continuous batching (`generate_batch`), but its memory probe assumes
+CUDA and it fails on the CPU, so this loop is used on both devices; it is the one the tests exercise.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from backends.base import FinishReason, SamplingParams, TokenChunk
+from backends.textstream import IncrementalDetokenizer, StopStringMatcher
+from backends.torch_sampling import choose_token, make_generator, needs_processing
+
+log = logging.getLogger(__name__)
+
+OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+if hasattr(torch, "OutOfMemoryError"):
+    OOM_ERRORS = (torch.OutOfMemoryError, torch.cuda.OutOfMemoryError)
+
+
+@dataclass
+class Work:
+    """One request in flight: its prompt, settings, stream state and output queue."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: frozenset[int]
+    detok: IncrementalDetokenizer
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    stops: StopStringMatcher = field(init=False)
+    position: int = 0  # position id of the next token fed to the model
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        self.stops = StopStringMatcher(self.params.stop)
+        self.position = len(self.prompt_ids)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Cache length this request can reach."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_new_tokens - len(self.generated)
+
+
+class BatchRunner:
+    """The scheduler thread: admits requests, prefills them, and runs shared decode steps."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        *,
+        max_batch_size: int,
+        kv_budget_bytes: int | None,
+        kv_bytes_per_token: int,
+        on_oom: Callable[[], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.on_oom = on_oom
+        self._incoming: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self._waiting: collections.deque[Work] = collections.deque()
+        self._lock = threading.Lock()
+        self._known: dict[str, Work] = {}
+        self._cancel: set[str] = set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.last_error = ""
+        self.peak_batch = 0
+        # running batch
+        self.rows: list[Work] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [B, L] int64, 0 = padding
+        self.pads: list[int] = []
+        self._fast_logits_kwargs = _supports_logits_to_keep(model)
+
+    # ---- public, any thread -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="torch-batch-scheduler", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, work: Work) -> None:
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the torch backend is unloading; load it again before generating")
+            if work.request_id in self._known:
+                raise ValueError(f"request_id {work.request_id!r} is already running; give each request its own id")
+            self._known[work.request_id] = work
+        self._incoming.put(work)
+
+    def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            if request_id not in self._known:
+                return False
+            self._cancel.add(request_id)
+        return True
+
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._known)
+
+    def stop(self, reason: str) -> None:
+        """Stop the thread and end every open stream with an error chunk naming `reason`."""
+        with self._lock:
+            self._stopping = True
+        self._incoming.put(None)
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)
+        with self._lock:
+            leftover = list(self._known.values())
+        for w in leftover:
+            self._finish(w, "", "error", error=reason)
+        self.rows, self.cache, self.mask, self.pads = [], None, None, []
+
+    # ---- scheduler thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._stopping:
+                    self._admit()
+                    if self._stopping:
+                        break
+                    self._drop_cancelled()
+                    if self.rows:
+                        self._step()
+        except Exception as e:  # a bug in the loop: end every stream with the reason rather than hang them
+            log.exception("torch batch scheduler crashed")
+            self.last_error = f"scheduler crashed: {type(e).__name__}: {e}"
+            with self._lock:
+                self._stopping = True
+                leftover = list(self._known.values())
+            for w in leftover:
+                self._finish(w, "", "error", error=self.last_error)
+
+    def _admit(self) -> None:
+        block = not self.rows and not self._waiting
+        while True:
+            try:
+                item = self._incoming.get(block=block)
+            except queue.Empty:
+                break
+            block = False
+            if item is None:
+                return
+            self._waiting.append(item)
+        while self._waiting and len(self.rows) < self.max_batch_size and not self._stopping:
+            w = self._waiting[0]
+            if self._take_cancel(w.request_id):
+                self._waiting.popleft()
+                self._finish(w, "", "cancelled")
+                continue
+            if not self._fits(w):
+                if not self.rows:  # cannot fit even alone (budget shrank): fail it rather than wait forever
+                    self._waiting.popleft()
+                    need = w.kv_tokens * self.kv_bytes_per_token
+                    self._finish(
+                        w,
+                        "",
+                        "error",
+                        error=f"request needs {need} bytes of KV cache ({w.kv_tokens} tokens) but the budget is "
+                        f"{self.kv_budget_bytes} bytes; lower max_new_tokens or shorten the prompt",
+                    )
+                    continue
+                break  # wait for running rows to leave
+            self._waiting.popleft()
+            self._prefill_and_join(w)
+
+    def _fits(self, w: Work) -> bool:
+        if self.kv_budget_bytes is None:
+            return True
+        cur_len = self.mask.shape[1] if self.mask is not None else 0
+        future_len = max(cur_len, len(w.prompt_ids)) + max([w.params.max_new_tokens, *(r.remaining for r in self.rows)])
+        return (len(self.rows) + 1) * future_len * self.kv_bytes_per_token <= self.kv_budget_bytes
+
+    def _take_cancel(self, request_id: str) -> bool:
+        with self._lock:
+            if request_id in self._cancel:
+                self._cancel.discard(request_id)
+                return True
+        return False
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancel:
+            return
+        for w in [w for w in self._waiting if self._take_cancel(w.request_id)]:
+            self._waiting.remove(w)
+            self._finish(w, "", "cancelled")
+        gone = [i for i, w in enumerate(self.rows) if self._take_cancel(w.request_id)]
+        for i in gone:
+            self._finish(self.rows[i], "", "cancelled")
+        self._remove_rows(gone)
+
+    def _prefill_and_join(self, w: Work) -> None:
+        ids = torch.tensor([w.prompt_ids], dtype=torch.long, device=self.device)
+        cache = DynamicCache()
+        try:
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **self._fast_logits_kwargs)
+        except OOM_ERRORS as e:
+            self._oom(w, f"prefill of {len(w.prompt_ids)} prompt tokens", e)
+            return
+        except Exception as e:
+            log.exception("prefill failed for request %s", w.request_id)
+            self.last_error = f"{type(e).__name__}: {e}"
+            self._finish(w, "", "error", error=f"prefill failed: {type(e).__name__}: {e}")
+            return
+        logits = out.logits[0, -1]
+        token = self._choose(w, logits) if needs_processing(w.params) else int(logits.argmax(-1))
+        if self._accept(w, token):
+            return
+        self._join(w, out.past_key_values)
+        self.peak_batch = max(self.peak_batch, len(self.rows))
+
+    def _join(self, w: Work, cache: DynamicCache) -> None:
+        new_len = len(w.prompt_ids)
+        if self.cache is None or not self.rows:
+            self.cache, self.rows, self.pads = cache, [w], [0]
+            self.mask = torch.ones((1, new_len), dtype=torch.long, device=self.device)
+            return
+        assert self.mask is not None
+        cur_len = self.mask.shape[1]
+        total = max(cur_len, new_len)
+        grow, new_pad = total - cur_len, total - new_len
+        for layer, new_layer in zip(self.cache.layers, cache.layers, strict=True):
+            k, v = layer.keys, layer.values
+            if grow:
+                k, v = F.pad(k, (0, 0, grow, 0)), F.pad(v, (0, 0, grow, 0))
+            nk, nv = new_layer.keys, new_layer.values
+            if new_pad:
+                nk, nv = F.pad(nk, (0, 0, new_pad, 0)), F.pad(nv, (0, 0, new_pad, 0))
+            layer.keys, layer.values = torch.cat([k, nk]), torch.cat([v, nv])
+        new_row = torch.ones((1, total), dtype=torch.long, device=self.device)
+        new_row[:, :new_pad] = 0
+        mask = F.pad(self.mask, (grow, 0)) if grow else self.mask
+        self.mask = torch.cat([mask, new_row])
+        self.pads = [p + grow for p in self.pads] + [new_pad]
+        self.rows.append(w)
+
+    def _step(self) -> None:
+        assert self.cache is not None and self.mask is not None
+        rows = self.rows
+        input_ids = torch.tensor([[w.generated[-1]] for w in rows], dtype=torch.long, device=self.device)
+        position_ids = torch.tensor([[w.position] for w in rows], dtype=torch.long, device=self.device)
+        mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
+        length = self.mask.shape[1]
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask if any(self.pads) else None,
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        except OOM_ERRORS as e:
+            self.cache.crop(length)  # layers that ran before the failure already appended a column
+            victim = len(rows) - 1
+            self._oom(rows[victim], f"a decode step with {len(rows)} sequences of {length + 1} tokens", e)
+            self._remove_rows([victim])
+            return
+        except Exception as e:
+            log.exception("decode step failed")
+            self.last_error = f"{type(e).__name__}: {e}"
+            for w in rows:
+                self._finish(w, "", "error", error=f"decode step failed: {type(e).__name__}: {e}")
+            self.rows, self.cache, self.mask, self.pads = [], None, None, []
+            return
+        self.cache = out.past_key_values
+        self.mask = mask
+        logits = out.logits[:, -1, :]
+        greedy = logits.argmax(-1).tolist()
+        finished = []
+        for i, w in enumerate(rows):
+            w.position += 1
+            token = self._choose(w, logits[i]) if needs_processing(w.params) else greedy[i]
+            if self._accept(w, token):
+                finished.append(i)
+        self._remove_rows(finished)
+
+    def _choose(self, w: Work, logits: torch.Tensor) -> int:
+        seen = None
+        if w.params.repetition_penalty != 1.0:
+            seen = torch.tensor(w.prompt_ids + w.generated, dtype=torch.long, device=logits.device)
+        return choose_token(logits, w.params, seen, w.generator)
+
+    def _accept(self, w: Work, token: int) -> bool:
+        """Record a new token and stream its text; return True when the request is finished."""
+        w.generated.append(token)
+        if token in w.eos_ids:
+            self._finish(w, self._drain(w), "stop", token_ids=[token])
+            return True
+        emit, stopped = w.stops.feed(w.detok.add(token))
+        if stopped:
+            self._finish(w, emit, "stop", token_ids=[token])
+            return True
+        if w.remaining <= 0:
+            tail = self._drain(w)
+            self._finish(w, emit + tail, "stop" if w.stops.stopped else "length", token_ids=[token])
+            return True
+        w.out.put(TokenChunk(w.request_id, emit, [token], prompt_tokens=len(w.prompt_ids)))
+        return False
+
+    @staticmethod
+    def _drain(w: Work) -> str:
+        """Text still held by the detokenizer and the stop matcher at the end of the stream."""
+        emit, stopped = w.stops.feed(w.detok.flush())
+        return emit if stopped else emit + w.stops.flush()
+
+    def _oom(self, w: Work, where: str, e: BaseException) -> None:
+        msg = (
+            f"out of memory on {self.device} during {where}; this request was dropped and the backend carries on. "
+            "Retry with a shorter prompt or max_new_tokens, or lower max_batch_size / memory_limit_bytes"
+        )
+        log.warning("%s (%s)", msg, e)
+        self.last_error = msg
+        if self.on_oom is not None:
+            self.on_oom()
+        self._finish(w, "", "error", error=msg)
+
+    def _finish(
+        self,
+        w: Work,
+        text: str,
+        reason: FinishReason,
+        *,
+        token_ids: list[int] | None = None,
+        error: str | None = None,
+    ) -> None:
+        if w.done:
+            return
+        w.done = True
+        w.out.put(TokenChunk(w.request_id, text, token_ids or [], reason, len(w.prompt_ids), error))
+        with self._lock:
+            self._known.pop(w.request_id, None)
+            self._cancel.discard(w.request_id)
+
+    def _remove_rows(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        drop = set(indices)
+        keep = [i for i in range(len(self.rows)) if i not in drop]
+        self.rows = [self.rows[i] for i in keep]
+        self.pads = [self.pads[i] for i in keep]
+        if not self.rows:
+            self.cache, self.mask, self.pads = None, None, []
+            return
+        assert self.cache is not None and self.mask is not None
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        cut = min(self.pads)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[idx, :, cut:]
+            layer.values = layer.values[idx, :, cut:]
+        self.mask = self.mask[idx, cut:]
+        self.pads = [p - cut for p in self.pads]
+
+
+def _supports_logits_to_keep(model: torch.nn.Module) -> dict[str, int]:
+    """Ask for last-position logits only when the model's forward takes `logits_to_keep` (saves the lm_head)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+def make_work(
+    request_id: str,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    eos_ids: frozenset[int],
+    tokenizer: object,
+    device: torch.device,
+) -> Work:
+    """Build the per-request state: detokenizer primed with the prompt, own generator when sampling."""
+    generator = make_generator(params.seed, device) if not params.is_greedy else None
+    return Work(
+        request_id=request_id,
+        prompt_ids=prompt_ids,
+        params=params,
+        eos_ids=eos_ids,
+        detok=IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids),
+        generator=generator,
+    )
