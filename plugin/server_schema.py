@@ -1,0 +1,293 @@
+"""OpenAI-shaped request bodies and responses for the HTTP server, and their mapping to engine requests.
+
+Field names follow OpenAI's Chat Completions and Completions APIs; unknown fields are refused (as OpenAI
+does) so a typo never silently changes generation. Extensions: `top_k`, `repetition_penalty` and
+`accelserve_policy` (pass them with the openai client's `extra_body`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.base import GenerationRequest, SamplingParams
+from plugin.engine import ChatChunk, RequestMetrics
+
+POLICIES = ("auto", "latency", "throughput", "energy", "gpu", "npu", "cpu")
+
+# Sent by common clients; they do not change what is generated, so they are accepted and ignored.
+_IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key"}
+# Features this server does not implement: refused unless left at their "off" value.
+_UNSUPPORTED_FIELDS = {
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "logit_bias",
+    "frequency_penalty",
+    "presence_penalty",
+    "response_format",
+    "echo",
+    "suffix",
+    "best_of",
+    "modalities",
+    "audio",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+}
+_OFF_VALUES: tuple[Any, ...] = (None, False, 0, 0.0, "", [], {}, "none", {"type": "text"})
+_HINTS = {
+    "frequency_penalty": " Use the `repetition_penalty` extension instead.",
+    "presence_penalty": " Use the `repetition_penalty` extension instead.",
+}
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with 400; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _GenerationBody(BaseModel):
+    """Fields shared by both endpoints."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    accelserve_policy: str | None = None
+
+    def check(self) -> None:
+        """Refuse what this server cannot honour, naming the field and the fix."""
+        if self.n != 1:
+            raise BadRequest(f"n={self.n} is not supported: this server returns exactly one choice; use n=1", "n")
+        for name, value in (self.model_extra or {}).items():
+            if name in _IGNORED_FIELDS:
+                continue
+            if name in _UNSUPPORTED_FIELDS:
+                if any(value == off and type(value) is type(off) for off in _OFF_VALUES):
+                    continue
+                if name == "best_of" and value == 1:
+                    continue
+                raise BadRequest(
+                    f"'{name}' is not supported by this server (got {value!r}).{_HINTS.get(name, '')}", name
+                )
+            raise BadRequest(f"Unrecognized request argument supplied: '{name}'", name)
+        if self.accelserve_policy is not None and self.accelserve_policy not in POLICIES:
+            raise BadRequest(
+                f"accelserve_policy must be one of {list(POLICIES)} (got {self.accelserve_policy!r})",
+                "accelserve_policy",
+            )
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("stream_options is only allowed when stream is true", "stream_options")
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling(self) -> SamplingParams:
+        """SamplingParams from the OpenAI fields; invalid values raise ValueError (-> 400) with the reason."""
+        kwargs: dict[str, Any] = {}
+        max_new = self.max_new_tokens()
+        if max_new is not None:
+            kwargs["max_new_tokens"] = max_new
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                kwargs[name] = value
+        if self.stop is not None:
+            kwargs["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        try:
+            return SamplingParams(**kwargs)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. `name`, which chat templates do not use
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self, index: int) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for j, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequest(
+                    f"messages[{index}].content[{j}] has type {part.get('type')!r}: only text parts are supported",
+                    f"messages[{index}].content",
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionBody(_GenerationBody):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def to_request(self) -> GenerationRequest:
+        self.check()
+        if not self.messages:
+            raise BadRequest("messages is empty: pass at least one message", "messages")
+        # Chat templates know "system", not OpenAI's newer "developer" role for the same thing.
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+            for i, m in enumerate(self.messages)
+        ]
+        return GenerationRequest(messages=messages, sampling=self.sampling())
+
+
+class CompletionBody(_GenerationBody):
+    prompt: str | list[str]
+
+    def to_request(self) -> GenerationRequest:
+        self.check()
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise BadRequest(f"prompt must be one string; got a list of {len(prompt)} (batching is per request)")
+            prompt = prompt[0]
+        return GenerationRequest(prompt=prompt, sampling=self.sampling())
+
+
+# ---- responses --------------------------------------------------------------------------------------
+
+
+def placement_dict(placement: Any, metrics: RequestMetrics | None = None) -> dict[str, Any]:
+    """Where a reply ran and why: the `accelserve` field of every response and stream chunk."""
+    out: dict[str, Any] = {
+        "device": placement.device,
+        "device_id": placement.device_id,
+        "backend": placement.backend,
+        "provider": placement.provider,
+        "precision": placement.precision,
+        "simulated": placement.simulated,
+        "reason": placement.reason,
+        "fallback_from": list(placement.fallback_from),
+    }
+    if metrics is not None:
+        out["metrics"] = metrics.to_dict()
+    return out
+
+
+def placement_headers(placement: Any, request_id: str) -> dict[str, str]:
+    return {
+        "x-accelserve-device": placement.device,
+        "x-accelserve-device-id": placement.device_id,
+        "x-accelserve-backend": placement.backend,
+        "x-accelserve-provider": placement.provider,
+        "x-accelserve-simulated": "true" if placement.simulated else "false",
+        "x-accelserve-request-id": request_id,
+    }
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    """OpenAI clients know stop/length; a server-side cancel ends the text like a stop (the true reason is in
+    `accelserve.finish_reason`)."""
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"
+
+
+def usage(metrics: RequestMetrics) -> dict[str, int]:
+    return {
+        "prompt_tokens": metrics.prompt_tokens,
+        "completion_tokens": metrics.new_tokens,
+        "total_tokens": metrics.prompt_tokens + metrics.new_tokens,
+    }
+
+
+@dataclass
+class ResponseShape:
+    """Builds one endpoint's objects: `chat.completion(.chunk)` or `text_completion`."""
+
+    kind: Literal["chat", "completion"]
+    model: str
+    request_id: str
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.created = self.created or int(time.time())
+
+    @property
+    def id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.request_id
+
+    def full(self, text: str, last: ChatChunk) -> dict[str, Any]:
+        assert last.metrics is not None
+        if self.kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None}
+        choice["finish_reason"] = openai_finish_reason(last.finish_reason)
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [choice],
+            "usage": usage(last.metrics),
+            "accelserve": {**placement_dict(last.placement, last.metrics), "finish_reason": last.finish_reason},
+        }
+
+    def chunk(self, chunk: ChatChunk, first: bool) -> dict[str, Any]:
+        finish = openai_finish_reason(chunk.finish_reason)
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if chunk.text or first:
+                delta["content"] = chunk.text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": finish}
+        extra = placement_dict(chunk.placement, chunk.metrics)
+        if chunk.finish_reason is not None:
+            extra["finish_reason"] = chunk.finish_reason
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [choice],
+            "accelserve": extra,
+        }
+
+    def usage_chunk(self, metrics: RequestMetrics) -> dict[str, Any]:
+        """The extra last chunk OpenAI sends when `stream_options.include_usage` is true."""
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [],
+            "usage": usage(metrics),
+        }
