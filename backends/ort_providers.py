@@ -1,0 +1,177 @@
+"""Execution-provider choice for onnxruntime-genai: which providers to try, in what order, and loading with fallback.
+
+A device kind ("npu", "gpu", "cpu") maps to a preference list of execution providers. Providers that this
+machine cannot run are skipped (onnxruntime-genai's build flags *and* onnxruntime's provider/device listing
+must both say yes: onnxruntime-genai reports QNN and OpenVINO "available" on a plain CPU wheel, so its flags
+alone are not enough). The rest are tried in order; the first that loads the model wins, and every skip or
+failure before it is recorded so callers can explain a fallback instead of hiding it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backends.base import BackendError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One execution provider as onnxruntime-genai and onnxruntime name it."""
+
+    key: str  # our short name: "qnn", "openvino", ...
+    genai_name: str  # what og.Config.append_provider accepts
+    ort_name: str  # onnxruntime's provider name, reported as "the provider that runs"
+    options: dict[str, str] = field(default_factory=dict)  # provider options set through og.Config
+    genai_flag: str | None = None  # og.is_<x>_available, when the build exposes one
+
+
+PROVIDERS: dict[str, ProviderSpec] = {
+    "qnn": ProviderSpec("qnn", "QNN", "QNNExecutionProvider", {"backend_type": "htp"}, "is_qnn_available"),
+    "openvino": ProviderSpec(
+        "openvino", "OpenVINO", "OpenVINOExecutionProvider", {"device_type": "NPU"}, "is_openvino_available"
+    ),
+    "vitisai": ProviderSpec("vitisai", "VitisAI", "VitisAIExecutionProvider"),
+    "dml": ProviderSpec("dml", "DML", "DmlExecutionProvider", {}, "is_dml_available"),
+    "cuda": ProviderSpec("cuda", "cuda", "CUDAExecutionProvider", {}, "is_cuda_available"),
+    "cpu": ProviderSpec("cpu", "cpu", "CPUExecutionProvider"),
+}
+
+PREFERENCE: dict[str, tuple[str, ...]] = {
+    "npu": ("qnn", "openvino", "vitisai", "dml", "cpu"),
+    "gpu": ("cuda", "dml", "cpu"),
+    "cpu": ("cpu",),
+}
+
+# Accepted spellings for a provider override, e.g. "QNNExecutionProvider", "QNN", "qnn".
+_ALIASES: dict[str, str] = {}
+for _spec in PROVIDERS.values():
+    for _name in (_spec.key, _spec.genai_name, _spec.ort_name, _spec.ort_name.removesuffix("ExecutionProvider")):
+        _ALIASES[_name.lower()] = _spec.key
+
+
+def resolve_provider(name: str) -> ProviderSpec:
+    """Map any common spelling of a provider to its spec, or raise naming the valid choices."""
+    key = _ALIASES.get(str(name).strip().lower())
+    if key is None:
+        raise ValueError(f"Unknown execution provider {name!r}: choose from {sorted(PROVIDERS)} (or their ORT names)")
+    return PROVIDERS[key]
+
+
+def preference_for(device: str, providers: Sequence[str] | None = None) -> list[ProviderSpec]:
+    """The providers to try for a device kind, best first; an explicit `providers` list overrides the order."""
+    if device not in PREFERENCE:
+        raise ValueError(f"Unknown device {device!r}: use one of {sorted(PREFERENCE)}")
+    if providers is not None:
+        if isinstance(providers, str):
+            providers = [providers]
+        if not providers:
+            raise ValueError("providers is empty: pass None for the default order, or e.g. ['qnn', 'cpu']")
+        specs = {}
+        for p in providers:
+            spec = resolve_provider(p)
+            specs.setdefault(spec.key, spec)
+        return list(specs.values())
+    return [PROVIDERS[k] for k in PREFERENCE[device]]
+
+
+def _ort_listing() -> set[str]:
+    """onnxruntime's view of usable providers: built-in ones plus plugin EP devices."""
+    import onnxruntime as ort
+
+    names = set(ort.get_available_providers())
+    get_ep_devices = getattr(ort, "get_ep_devices", None)
+    if get_ep_devices is not None:
+        try:
+            names.update(d.ep_name for d in get_ep_devices())
+        except Exception as exc:  # a broken plugin EP must not hide the built-in ones
+            log.warning("onnxruntime.get_ep_devices() failed (%s); using get_available_providers() only", exc)
+    return names
+
+
+def unavailable_reason(spec: ProviderSpec) -> str | None:
+    """Why this machine cannot run `spec`, or None when it might (only a load attempt can tell for sure)."""
+    if spec.key == "cpu":
+        return None
+    import onnxruntime_genai as og
+
+    if spec.genai_flag is not None:
+        flag = getattr(og, spec.genai_flag, None)
+        if flag is not None and not flag():
+            return f"onnxruntime-genai reports {spec.genai_flag}() == False (this build lacks {spec.genai_name})"
+    listed = _ort_listing()
+    if spec.ort_name not in listed:
+        return f"onnxruntime does not list {spec.ort_name} (available: {', '.join(sorted(listed))})"
+    return None
+
+
+def build_config(model_dir: Path, spec: ProviderSpec, num_threads: int | None = None) -> Any:
+    """An og.Config for `model_dir` that runs on exactly `spec` (plus onnxruntime's CPU fallback for its nodes)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(model_dir))
+    config.clear_providers()
+    if spec.key != "cpu":
+        config.append_provider(spec.genai_name)
+        for k, v in spec.options.items():
+            config.set_provider_option(spec.genai_name, k, v)
+    if num_threads is not None:
+        session = {"intra_op_num_threads": int(num_threads), "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+    return config
+
+
+@dataclass
+class LoadResult:
+    model: Any  # og.Model
+    spec: ProviderSpec
+    attempts: list[tuple[str, str]]  # (ort provider name, why it was skipped or failed), in order tried
+
+
+def load_with_fallback(
+    model_dir: Path,
+    candidates: Sequence[ProviderSpec],
+    *,
+    explicit: bool,
+    num_threads: int | None = None,
+    load: Callable[[Any], Any] | None = None,
+) -> LoadResult:
+    """Load `model_dir` with the first provider in `candidates` that works.
+
+    Default preference lists skip providers detection rules out; an explicit list is tried as given
+    (the caller asked for it, and a load attempt gives the most precise error).
+    """
+    if load is None:
+        import onnxruntime_genai as og
+
+        load = og.Model
+    attempts: list[tuple[str, str]] = []
+    for spec in candidates:
+        if not explicit:
+            reason = unavailable_reason(spec)
+            if reason is not None:
+                attempts.append((spec.ort_name, f"skipped: {reason}"))
+                log.debug("skip %s: %s", spec.ort_name, reason)
+                continue
+        try:
+            model = load(build_config(model_dir, spec, num_threads))
+        except Exception as exc:
+            attempts.append((spec.ort_name, f"load failed: {exc}".strip()))
+            log.info("loading %s with %s failed: %s", model_dir, spec.ort_name, exc)
+            continue
+        if attempts:
+            log.warning(
+                "%s runs on %s after: %s", model_dir, spec.ort_name, "; ".join(f"{p}: {e}" for p, e in attempts)
+            )
+        return LoadResult(model, spec, attempts)
+    tried = "; ".join(f"{p}: {e}" for p, e in attempts) or "no providers to try"
+    raise BackendError(
+        f"Could not load {model_dir} with any execution provider ({tried}). "
+        "Fix: include 'cpu' in providers, or install the onnxruntime build for your accelerator."
+    )
