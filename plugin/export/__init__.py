@@ -1,0 +1,316 @@
+"""HF checkpoint -> Optimum ONNX -> int4/int8/fp16/fp32 -> onnxruntime-genai folder, cached and verified.
+
+    from plugin.export import export
+    exported = export("default", target="npu", precision="int4")
+    exported.path  # genai_config.json, model.onnx(+.data), tokenizer files, manifest.json
+
+Steps: hash source -> Optimum export (fp32) -> precision conversion -> tokenizer + genai_config ->
+parity check -> manifest -> atomic publish into `<home>/exports/<key>`. See cache.py for the key and
+the lock, targets.py for what each execution provider can load, parity.py for the thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from plugin.export import cache
+from plugin.export.errors import ExportError
+from plugin.export.onnx_files import DATA_FILE, MODEL_FILE
+from plugin.export.steps import StepTimer
+from plugin.export.targets import (
+    PRECISIONS,
+    TARGETS,
+    check_target,
+    provider_options_for,
+    providers_report,
+)
+
+__all__ = [
+    "PRECISIONS",
+    "SUPPORTED_ARCHITECTURES",
+    "TARGETS",
+    "ExportError",
+    "ExportedModel",
+    "export",
+    "provider_options_for",
+    "verify_export",
+]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "mistral", "phi3", "gpt2")
+"""HF `model_type`s exported and checked end to end (Optimum graph -> onnxruntime-genai decoder)."""
+
+_VERSIONED = ("optimum", "optimum-onnx", "onnxruntime", "onnxruntime-genai", "transformers", "torch", "onnx")
+EXPORT_FORMAT = 1  # bump when this package changes what it writes for the same inputs
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    path: Path  # the onnxruntime-genai folder (genai_config.json, model.onnx(+.data), tokenizer files)
+    target: str  # "npu" | "cpu" | "gpu"
+    precision: str  # "int4" | "int8" | "fp16" | "fp32"
+    key: str
+    manifest: dict
+    cache_hit: bool
+
+
+def _versions() -> dict[str, str]:
+    out = {"accelserve-export-format": str(EXPORT_FORMAT)}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "missing"
+    try:
+        import onnxruntime_genai as og
+
+        out["onnxruntime-genai-build"] = getattr(og, "__id__", "onnxruntime-genai")  # -cuda / -directml builds
+    except ImportError as e:
+        raise ExportError("onnxruntime-genai is not installed; install the project's pinned dependencies") from e
+    return out
+
+
+def _home(home: Path | None) -> Path:
+    if home is not None:
+        return Path(home).expanduser()
+    try:
+        from plugin.home import accelserve_home
+    except ImportError:  # plugin.home not present yet: same contract inline
+        import os
+
+        return Path(os.environ.get("ACCELSERVE_HOME") or Path.home() / ".cache" / "accelserve")
+    return Path(accelserve_home())
+
+
+def _resolve(model_ref: str | Path) -> tuple[Path, str, str]:
+    """(local HF folder, display name, reference) for a model reference."""
+    try:
+        from plugin.models import resolve_model
+    except ImportError:
+        resolve_model = None
+    if resolve_model is not None:
+        try:
+            resolved = resolve_model(model_ref)
+        except ExportError:
+            raise
+        except Exception as e:  # ModelSourceError and friends: keep their user-facing message
+            raise ExportError(str(e)) from e
+        name = getattr(getattr(resolved, "profile", None), "name", None) or Path(resolved.path).name
+        return Path(resolved.path), str(name), str(resolved.ref)
+    path = Path(model_ref).expanduser()
+    if not path.is_dir():
+        raise ExportError(f"{model_ref!s} is not a local model folder; pass a folder with config.json and weights")
+    return path.resolve(), path.name, str(model_ref)
+
+
+def _read_hf_config(source: Path) -> dict[str, Any]:
+    path = source / "config.json"
+    if not path.is_file():
+        raise ExportError(f"{source} has no config.json; point at a Hugging Face model folder")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_architecture(hf_config: dict[str, Any], source: Path | str = "") -> str:
+    arch = str(hf_config.get("model_type", ""))
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ExportError(
+            f"architecture {arch or 'unknown'!r} of {source} is not supported for export; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def _config_provider_options(target: str, precision: str) -> tuple[list[dict[str, Any]], str]:
+    """Provider written into genai_config: one this onnxruntime-genai build has and that runs the format."""
+    import onnxruntime_genai as og
+
+    if target == "gpu":
+        for provider, available in (("cuda", og.is_cuda_available()), ("dml", og.is_dml_available())):
+            if available:
+                try:
+                    return provider_options_for(target, provider, precision), provider
+                except ExportError as e:
+                    log.info("not writing %s into genai_config: %s", provider, e)
+        if precision == "fp16":
+            return provider_options_for(target, "cuda", precision), "cuda"
+    # npu: no NPU provider runs a dynamic-shape MatMulNBits graph (see targets.py), so the config names
+    # the CPU floor and the backend chooses a present accelerator's provider at load time.
+    return [], "cpu"
+
+
+def _build(
+    source: Path,
+    tmp: Path,
+    target: str,
+    precision: str,
+    block_size: int,
+    symmetric: bool,
+    timer: StepTimer,
+) -> dict[str, Any]:
+    """Fill `tmp` with a complete export (minus manifest); return manifest fields it learned."""
+    from plugin.export.genai_config import write_genai_config
+    from plugin.export.optimum_step import optimum_export
+    from plugin.export.quantize import convert_precision
+    from plugin.export.tokenizer_files import copy_tokenizer
+
+    work = tmp / ".work"
+    with timer.step("optimum_export", "Optimum ONNX export (fp32)"):
+        fp32 = optimum_export(source, work)
+    with timer.step("quantize", f"precision {precision}"):
+        if precision == "fp32":
+            for name in (MODEL_FILE, DATA_FILE):
+                if (fp32.parent / name).exists():
+                    shutil.move(fp32.parent / name, tmp / name)
+            from plugin.export.quantize import QuantResult
+
+            quant = QuantResult(tmp / MODEL_FILE, "fp32 reference (no conversion)")
+        else:
+            quant = convert_precision(fp32, tmp, precision, block_size, symmetric)
+    shutil.rmtree(work)
+    with timer.step("genai_config", "tokenizer + genai_config.json"):
+        copy_tokenizer(source, tmp)
+        options, provider = _config_provider_options(target, precision)
+        write_genai_config(tmp, source, MODEL_FILE, options)
+    return {"quantization": {"method": quant.method, **quant.details}, "config_provider": provider}
+
+
+def _check_output(output: Path, key: str, force: bool) -> bool:
+    """True when `output` already holds this exact export, verified; raises for a folder we must not touch."""
+    if not output.exists():
+        return False
+    if not output.is_dir():
+        raise ExportError(f"output {output} is a file; pass a folder path")
+    if not any(output.iterdir()):
+        return False
+    manifest = cache.read_manifest(output)
+    if manifest is None:
+        raise ExportError(
+            f"output folder {output} is not empty and holds no accelserve export (no manifest.json); "
+            "choose a new or empty folder so nothing of yours is overwritten"
+        )
+    if force:
+        return False
+    problems = cache.verify_folder(output)
+    if problems:
+        raise ExportError(
+            f"output folder {output} does not match its manifest: {'; '.join(problems)}. "
+            "Delete the folder or re-run with force=True (--force) to rebuild it."
+        )
+    return manifest.get("key") == key
+
+
+def verify_export(folder: Path) -> list[str]:
+    """Problems that make `folder` not a complete, unmodified export (empty list = valid)."""
+    return cache.verify_folder(Path(folder))
+
+
+def export(
+    model_ref: str | Path,
+    target: str = "npu",
+    precision: str = "int4",
+    *,
+    output: Path | None = None,
+    force: bool = False,
+    block_size: int = 32,
+    symmetric: bool = True,
+    parity: bool = True,
+    home: Path | None = None,
+    progress: bool = True,
+) -> ExportedModel:
+    """Export `model_ref` for onnxruntime-genai on `target` at `precision`, through the cache.
+
+    The same inputs again are a cache hit (the folder is verified against its manifest, in seconds); a
+    cache folder that fails verification is rebuilt with a warning. With `output`, the verified cache
+    folder is copied there and `path` points at it. Raises ExportError with a user-ready message.
+    """
+    check_target(target, precision)
+    source, name, ref = _resolve(model_ref)
+    arch = check_architecture(_read_hf_config(source), source)
+    if precision in ("int4", "int8") and (block_size < 16 or block_size & (block_size - 1)):
+        raise ExportError(f"block_size must be a power of two >= 16 (got {block_size}); 32 or 128 are typical")
+
+    root = _home(home) / "exports"
+    timer = StepTimer(progress=progress, label=f"[{name} {target}/{precision}] ")
+    started = time.perf_counter()
+    with timer.step("hash_source", "hashing source checkpoint"):
+        source_hash = cache.hash_source(source)
+    options = {"block_size": block_size, "symmetric": symmetric} if precision in ("int4", "int8") else {}
+    versions = _versions()
+    key = cache.compute_key(name, target, precision, source_hash, options, versions)
+    final = root / key
+    out_path = Path(output).expanduser().resolve() if output is not None else None
+
+    if out_path is not None and _check_output(out_path, key, force):
+        manifest = cache.read_manifest(out_path) or {}
+        if not parity or manifest.get("parity") is not None:
+            return ExportedModel(out_path, target, precision, key, manifest, cache_hit=True)
+
+    with cache.key_lock(root, key):
+        cache.clean_stale_tmp(root, key)
+        problems = cache.verify_folder(final, key) if final.exists() else ["not built yet"]
+        if final.exists() and problems and not force:
+            log.warning("cached export %s is damaged (%s); rebuilding it", final, "; ".join(problems))
+        cache_hit = not problems and not force
+        if not cache_hit:
+            tmp = cache.new_tmp_dir(root, key)
+            try:
+                learned = _build(source, tmp, target, precision, block_size, symmetric, timer)
+                parity_report = None
+                if parity:
+                    parity_report = _run_parity(tmp, source, precision, timer)
+                manifest = {
+                    "manifest_version": cache.MANIFEST_VERSION,
+                    "key": key,
+                    "source": {"ref": ref, "name": name, "path": str(source), "sha256": source_hash},
+                    "architecture": arch,
+                    "target": target,
+                    "precision": precision,
+                    "options": options,
+                    "versions": versions,
+                    **learned,
+                    "providers": providers_report(target, precision),
+                    "parity": parity_report,
+                    "timings_s": dict(timer.timings),
+                    "created_unix": int(time.time()),
+                    "files": cache.file_records(tmp),
+                }
+                manifest["total_size_bytes"] = sum(f["size"] for f in manifest["files"].values())
+                cache.write_manifest(tmp, manifest)
+                cache.publish(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        manifest = cache.read_manifest(final) or {}
+        if cache_hit and parity and manifest.get("parity") is None:
+            manifest["parity"] = _run_parity(final, source, precision, timer)
+            manifest["timings_s"] = {**manifest.get("timings_s", {}), "parity": timer.timings["parity"]}
+            cache.write_manifest(final, manifest)
+
+    path = final
+    if out_path is not None and out_path != final:
+        cache.copy_to_output(final, out_path)
+        path = out_path
+    log.info("export %s %s in %.1fs -> %s", "hit" if cache_hit else "built", key, time.perf_counter() - started, path)
+    return ExportedModel(path, target, precision, key, manifest, cache_hit)
+
+
+def _run_parity(folder: Path, source: Path, precision: str, timer: StepTimer) -> dict[str, Any]:
+    from plugin.export.parity import run_parity
+
+    with timer.step("parity", "parity check against torch"):
+        report = run_parity(folder, source, precision)
+    if precision == "fp32" and not report.passed:
+        raise ExportError(
+            f"fp32 export does not reproduce the torch model: greedy tokens match on "
+            f"{sum(report.generation_match)}/{report.prompts} prompts, top-1 agreement {report.top1_agreement}, "
+            f"max logit diff {report.max_logit_diff}. This is an exporter bug for this architecture; please report it."
+        )
+    return report.to_dict()

@@ -1,0 +1,171 @@
+"""The export cache: `<home>/exports/<key>/`, built in a temp dir, published by rename, guarded by a lock.
+
+A folder counts as finished only when it holds a `manifest.json` whose file hashes and sizes match the
+files beside it; a killed export leaves only a `.tmp-*` folder, which the next export of the same key
+removes while holding the key's lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from plugin.export.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+TMP_PREFIX = ".tmp-"
+LOCK_TIMEOUT_S = 3600.0  # a real export of a small model takes minutes; waiting beats duplicate work
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_source(folder: Path) -> str:
+    """Content hash of a checkpoint folder: names and bytes of every file (sorted), hidden files excluded."""
+    h = hashlib.sha256()
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+    )
+    if not files:
+        raise ExportError(f"{folder} holds no files; point at a Hugging Face model folder (config.json + weights)")
+    for p in files:
+        h.update(p.relative_to(folder).as_posix().encode())
+        h.update(b"\0")
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def compute_key(
+    name: str, target: str, precision: str, source_hash: str, options: dict[str, Any], versions: dict[str, str]
+) -> str:
+    """Folder name: readable prefix plus a hash of everything that changes the produced files."""
+    payload = json.dumps(
+        {"source": source_hash, "target": target, "precision": precision, "options": options, "versions": versions},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)[:48].strip("-.") or "model"
+    return f"{safe}-{target}-{precision}-{digest}"
+
+
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file in the folder except the manifest."""
+    return {
+        p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("unreadable manifest %s: %s", path, e)
+        return None
+
+
+def verify_folder(folder: Path, key: str | None = None) -> list[str]:
+    """Problems that make `folder` not a finished export (empty list = valid)."""
+    if not folder.is_dir():
+        return [f"{folder} does not exist"]
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return [f"{folder / MANIFEST} is missing or unreadable"]
+    problems = []
+    if key is not None and manifest.get("key") != key:
+        problems.append(f"manifest key {manifest.get('key')!r} is not the expected {key!r}")
+    files = manifest.get("files") or {}
+    if not files:
+        problems.append("manifest lists no files")
+    for name, rec in files.items():
+        p = folder / name
+        if not p.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        size = p.stat().st_size
+        if size != rec.get("size"):
+            problems.append(f"{name} is {size} bytes, manifest says {rec.get('size')}")
+        elif sha256_file(p) != rec.get("sha256"):
+            problems.append(f"{name} content differs from its manifest hash")
+    return problems
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Atomic manifest write (temp file + rename), so readers never see half a manifest."""
+    tmp = folder / f".{MANIFEST}.{uuid.uuid4().hex}"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)
+
+
+@contextmanager
+def key_lock(root: Path, key: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Exclusive lock for one key across processes (another process exporting it makes us wait)."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / f".{key}.lock"))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout as e:
+        raise ExportError(
+            f"another process has held the export lock {root / f'.{key}.lock'} for {timeout:.0f}s; "
+            "wait for it, or delete the lock file if no export is running"
+        ) from e
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def new_tmp_dir(root: Path, key: str) -> Path:
+    path = root / f"{TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def clean_stale_tmp(root: Path, key: str) -> None:
+    """Remove temp folders of `key` left by killed exports (call while holding the key's lock)."""
+    for p in root.glob(f"{TMP_PREFIX}{key}-*"):
+        log.info("removing leftover temp export %s", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a finished temp folder into place; an old (invalid) folder is moved aside first, then removed."""
+    if final.exists():
+        trash = final.with_name(f"{TMP_PREFIX}trash-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def copy_to_output(src: Path, output: Path) -> None:
+    """Copy a verified cache folder to a user folder, atomically (temp sibling + rename)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f"{TMP_PREFIX}{output.name}-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(src, tmp)
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)

@@ -1,0 +1,31 @@
+"""Save ONNX graphs the way every export folder stores them: `model.onnx` plus one `model.onnx.data`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Write `model` to `path` with all large weights in `<name>.data` next to it (one file, any size)."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()  # onnx appends to an existing data file
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+        convert_attribute=False,
+    )
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=True)

@@ -1,0 +1,180 @@
+"""Parity of an export against the torch checkpoint it came from, recorded in manifest.json.
+
+Two checks on fixed prompts, the same token ids fed to both sides (the tokenizer is checked separately):
+- generation: greedy continuation by onnxruntime-genai (the runtime that will serve the folder) versus
+  `transformers.generate(do_sample=False)`; fp32 must match token for token or the export fails.
+- logits: the ONNX graph run by onnxruntime on prompt + torch's continuation (teacher forcing), compared
+  position by position with torch: top-1 agreement and max |logit difference|.
+Quantized exports only warn when top-1 agreement falls below `AGREEMENT_WARN` for their precision: int4
+round-to-nearest legitimately flips near-tied choices, and a warning with the figure beats a refusal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from plugin.export.errors import ExportError
+from plugin.export.onnx_files import MODEL_FILE
+
+log = logging.getLogger(__name__)
+
+PROMPTS = (
+    "The capital of France is",
+    "Hello, how are you today?",
+    "def main():\n    return",
+    "Numbers: 1 2 3 4",
+)
+NEW_TOKENS = 8
+# Teacher-forced top-1 agreement below which a quantized export logs a warning (fp32 must be exact).
+AGREEMENT_WARN: dict[str, float] = {"fp32": 1.0, "fp16": 0.98, "int8": 0.95, "int4": 0.80}
+
+
+@dataclass
+class ParityReport:
+    precision: str
+    provider: str
+    prompts: int
+    new_tokens: int
+    generation_match: list[bool] = field(default_factory=list)
+    generation_exact: bool = False
+    top1_agreement: float | None = None
+    max_logit_diff: float | None = None
+    tokenizer_match: bool | None = None
+    threshold: float = 1.0
+    passed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _torch_side(source: Path, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Greedy continuations and full-sequence logits from the torch checkpoint (fp32, CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model.eval()
+    sequences, logits = [], []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            inp = torch.tensor([ids])
+            out = model.generate(
+                inp,
+                attention_mask=torch.ones_like(inp),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=model.generation_config.pad_token_id or model.generation_config.eos_token_id,
+            )
+            seq = out[0].tolist()
+            sequences.append(seq)
+            logits.append(model(torch.tensor([seq])).logits[0].float().numpy())
+    return sequences, logits
+
+
+def _ort_logits(folder: Path, seq: list[int], session: Any, io: dict[str, Any]) -> np.ndarray:
+    """Run the exported graph once over `seq` with an empty KV cache; return logits [seq, vocab]."""
+    n = len(seq)
+    feeds: dict[str, np.ndarray] = {"input_ids": np.array([seq], dtype=np.int64)}
+    names = {i.name: i for i in session.get_inputs()}
+    if "attention_mask" in names:
+        feeds["attention_mask"] = np.ones((1, n), dtype=np.int64)
+    if "position_ids" in names:
+        feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+    for name, meta in names.items():
+        if name.startswith("past_key_values."):
+            dtype = np.float16 if "float16" in meta.type else np.float32
+            feeds[name] = np.zeros((1, io["kv_heads"], 0, io["head_dim"]), dtype=dtype)
+    (logits,) = session.run(["logits"], feeds)
+    return logits[0].astype(np.float32)
+
+
+def _og_generate(model: Any, ids: list[int], max_length: int) -> list[int]:
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=max_length)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    while not gen.is_done():
+        gen.generate_next_token()
+    return list(gen.get_sequence(0))
+
+
+def load_og_model_on_cpu(folder: Path) -> Any:
+    """Load an export with onnxruntime-genai on the CPU provider, whatever its config names."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    return og.Model(config)
+
+
+def run_parity(folder: Path, source: Path, precision: str) -> ParityReport:
+    """Compare the export in `folder` with the torch checkpoint in `source` (see module docstring)."""
+    import onnxruntime as ort
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    report = ParityReport(precision, "cpu", len(PROMPTS), NEW_TOKENS, threshold=AGREEMENT_WARN[precision])
+    hf_tok = AutoTokenizer.from_pretrained(source)
+    prompt_ids = [hf_tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+
+    if precision == "fp16":
+        report.notes.append("fp16 graphs need a GPU provider; not run on this machine's CPU provider")
+        report.passed = True
+        return report
+
+    og_model = load_og_model_on_cpu(folder)
+    og_tok = og.Tokenizer(og_model)
+    report.tokenizer_match = all(list(og_tok.encode(p)) == ids for p, ids in zip(PROMPTS, prompt_ids, strict=True))
+    if not report.tokenizer_match:
+        raise ExportError(
+            "onnxruntime-genai's tokenizer gives different ids than transformers on the parity prompts; the "
+            "exported folder would mis-tokenize. Re-save the tokenizer as a fast tokenizer (tokenizer.json)."
+        )
+
+    torch_seqs, torch_logits = _torch_side(source, prompt_ids)
+    for ids, seq in zip(prompt_ids, torch_seqs, strict=True):
+        og_seq = _og_generate(og_model, ids, len(ids) + NEW_TOKENS)
+        report.generation_match.append(og_seq == seq)
+        if og_seq != seq:
+            log.info("generation differs: torch %s vs onnxruntime-genai %s", seq[len(ids) :], og_seq[len(ids) :])
+    report.generation_exact = all(report.generation_match)
+    del og_model
+
+    genai = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+    io = {"kv_heads": genai["num_key_value_heads"], "head_dim": genai["head_size"]}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(folder / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+    agree = total = 0
+    max_diff = 0.0
+    for seq, ref in zip(torch_seqs, torch_logits, strict=True):
+        got = _ort_logits(folder, seq, session, io)
+        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        total += ref.shape[0]
+        max_diff = max(max_diff, float(np.abs(got - ref).max()))
+    report.top1_agreement = round(agree / total, 4)
+    report.max_logit_diff = max_diff
+
+    if precision == "fp32":
+        report.passed = report.generation_exact and report.top1_agreement == 1.0
+    else:
+        report.passed = report.top1_agreement >= report.threshold
+        if not report.passed:
+            log.warning(
+                "%s export: top-1 agreement with torch %.1f%% is below the %.0f%% threshold (max logit diff %.3f)",
+                precision,
+                100 * report.top1_agreement,
+                100 * report.threshold,
+                max_diff,
+            )
+    return report

@@ -1,0 +1,163 @@
+"""Execution providers per target, and what each one demands of a model.
+
+An export folder is a plain Optimum decoder graph (dynamic batch/sequence shapes, a KV cache that grows
+by concatenation) at one precision. onnxruntime-genai runs one execution provider per model, named in
+`genai_config.json` under `model.decoder.session_options.provider_options` (empty list = CPU); the
+backend may swap it at load time through `og.Config.clear_providers()/append_provider()`.
+
+What each provider needs (onnxruntime, OpenVINO, Ryzen AI documentation):
+
+- QNN (Qualcomm Hexagon HTP): a QDQ graph quantized to 8/16-bit (uint8/uint16 activations, int8/int4
+  QDQ weights) with STATIC shapes; the HTP backend does not run the com.microsoft MatMulNBits op, and
+  dynamic sequence/KV shapes cannot be compiled. Qualcomm's LLM recipe splits the model (embedding and
+  lm_head on CPU) and compiles fixed (1,64) prefill and (1,1) decode graphs into a context binary.
+  -> our dynamic MatMulNBits/float exports cannot load on QNN HTP; options given here are what a
+     prepared model would use: backend_type=htp, htp_performance_mode, context cache.
+- OpenVINO on an Intel NPU: symmetric int4 weights with group size 128 or channel-wise, static shapes
+  (the maximum prompt length is fixed when the NPU compiles the model). OpenVINO's CPU/GPU devices take
+  dynamic graphs. -> our export loads with device_type CPU or GPU; device_type NPU is refused.
+- VitisAI (AMD Ryzen AI NPU): AWQ int4 models prepared by AMD's Quark/Olive flow, and the provider is
+  not in the public onnxruntime-genai wheels. -> refused.
+- DirectML (Windows GPUs): fp16 and int4 MatMulNBits; fp32 works. No 8-bit MatMulNBits kernel.
+- CUDA: fp16, int4 and int8 MatMulNBits, fp32.
+- CPU: fp32, int8 and int4 MatMulNBits; fp16 runs through inserted casts (slow) — not offered.
+
+So target="npu" on any machine produces the format every NPU-capable path can start from and that
+always loads somewhere: an int4 (or int8) MatMulNBits graph whose genai_config names the CPU provider
+(the floor); the backend decides at load time whether a present NPU provider takes it. The manifest's
+`providers` section records, per provider, whether this folder can load there and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from plugin.export.errors import ExportError
+
+TARGETS = ("npu", "cpu", "gpu")
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+
+# Provider names as onnxruntime-genai's genai_config spells them.
+PROVIDERS = ("cpu", "cuda", "dml", "qnn", "OpenVINO", "VitisAI")
+
+# Which precisions each target builds (fp32 is always allowed: it is the reference).
+TARGET_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "npu": ("int4", "int8", "fp32"),
+    "cpu": ("int4", "int8", "fp32"),
+    "gpu": ("fp16", "int4", "int8", "fp32"),
+}
+
+# Providers tried for each target, best first; the CPU is the floor for every target.
+TARGET_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "npu": ("qnn", "OpenVINO", "VitisAI", "cpu"),
+    "gpu": ("cuda", "dml", "cpu"),
+    "cpu": ("cpu",),
+}
+
+_PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
+    "cpu": {},
+    "cuda": {"enable_cuda_graph": "0"},  # graph capture needs past_present_share_buffer (static KV)
+    "dml": {},
+    # Options a QNN-prepared model uses; the HTP backend, burst clock, context binary cache.
+    "qnn": {"backend_type": "htp", "htp_performance_mode": "burst", "htp_graph_finalization_optimization_mode": "3"},
+    "OpenVINO": {"device_type": "NPU"},
+    "VitisAI": {},
+}
+
+
+@dataclass(frozen=True)
+class ProviderSupport:
+    provider: str
+    loads: bool
+    reason: str
+
+
+def provider_support(provider: str, precision: str, target: str = "npu") -> ProviderSupport:
+    """Can an Optimum-graph export at `precision` load on `provider`? With the reason either way."""
+    if provider == "qnn":
+        return ProviderSupport(
+            provider,
+            False,
+            "QNN HTP runs static-shape QDQ 8/16-bit graphs; this export has dynamic KV shapes and "
+            + ("MatMulNBits, which HTP does not run" if precision in ("int4", "int8") else "float weights"),
+        )
+    if provider == "VitisAI":
+        return ProviderSupport(
+            provider,
+            False,
+            "VitisAI needs AWQ int4 models prepared by AMD's Ryzen AI tools, and the provider is not in the "
+            "public onnxruntime-genai wheels",
+        )
+    if provider == "OpenVINO":
+        if target == "npu":
+            return ProviderSupport(
+                provider,
+                False,
+                "OpenVINO's NPU device compiles static shapes with symmetric int4 group 128 or channel-wise "
+                "weights; this export has dynamic shapes (OpenVINO device_type CPU/GPU can load it)",
+            )
+        return ProviderSupport(provider, precision != "fp16", "OpenVINO CPU/GPU devices read dynamic ONNX graphs")
+    if provider == "dml":
+        if precision == "int8":
+            return ProviderSupport(provider, False, "DirectML has no 8-bit MatMulNBits kernel; use int4 or fp16")
+        return ProviderSupport(provider, True, "DirectML runs fp16/fp32 and int4 MatMulNBits")
+    if provider == "cuda":
+        return ProviderSupport(provider, True, "CUDA runs fp16/fp32 and MatMulNBits int4/int8")
+    if provider == "cpu":
+        if precision == "fp16":
+            return ProviderSupport(provider, False, "the CPU provider has few fp16 kernels; use fp32, int8 or int4")
+        return ProviderSupport(provider, True, "the CPU provider runs fp32 and MatMulNBits int4/int8")
+    raise ExportError(f"unknown execution provider {provider!r}; known: {', '.join(PROVIDERS)}")
+
+
+def check_target(target: str, precision: str) -> None:
+    """Refuse a (target, precision) pair before any work, with the fix in the message."""
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision not in TARGET_PRECISIONS[target]:
+        raise ExportError(
+            f"precision {precision!r} is not built for target {target!r} "
+            f"(choose {', '.join(TARGET_PRECISIONS[target])}): "
+            + ("no NPU provider runs fp16 graphs from this export; use int4" if target == "npu" else "")
+            + ("the CPU runs fp16 through slow casts; use fp32, int8 or int4" if target == "cpu" else "")
+        )
+
+
+def provider_options_for(target: str, provider: str | None = None, precision: str = "int4") -> list[dict[str, Any]]:
+    """genai_config `provider_options` entries for `target` (optionally a named provider).
+
+    Returns [] for the CPU (onnxruntime-genai's default). Raises ExportError when the named provider cannot
+    run this export format, rather than return options for a config that would fail to load.
+    """
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if provider is None:
+        return []  # the CPU floor; the backend appends a present accelerator's provider at load time
+    canonical = {p.lower(): p for p in PROVIDERS}.get(provider.lower())
+    if canonical is None:
+        raise ExportError(f"unknown execution provider {provider!r}; known: {', '.join(PROVIDERS)}")
+    if canonical not in TARGET_PROVIDERS[target]:
+        raise ExportError(
+            f"provider {canonical!r} does not serve target {target!r}; it takes {', '.join(TARGET_PROVIDERS[target])}"
+        )
+    support = provider_support(canonical, precision, target)
+    if not support.loads:
+        raise ExportError(f"this export cannot load on {canonical}: {support.reason}")
+    if canonical == "cpu":
+        return []
+    options = dict(_PROVIDER_OPTIONS[canonical])
+    if canonical == "OpenVINO":
+        options["device_type"] = "GPU" if target == "gpu" else "CPU"
+    return [{canonical: options}]
+
+
+def providers_report(target: str, precision: str) -> dict[str, dict[str, Any]]:
+    """Per provider: can this folder load there and why (goes into manifest.json)."""
+    report = {}
+    for p in PROVIDERS:
+        s = provider_support(p, precision, target)
+        report[p] = {k: v for k, v in asdict(s).items() if k != "provider"}
+    return report
