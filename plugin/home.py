@@ -1,0 +1,16 @@
+"""Where accelserve keeps what it builds (converted checkpoints, exports): one folder, overridable for tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME_ENV = "ACCELSERVE_HOME"
+
+
+def accelserve_home() -> Path:
+    """`$ACCELSERVE_HOME`, else `~/.cache/accelserve`; created on first use so callers can write into it."""
+    raw = os.environ.get(HOME_ENV)
+    home = Path(raw).expanduser() if raw else Path.home() / ".cache" / "accelserve"
+    home.mkdir(parents=True, exist_ok=True)
+    return home
