@@ -1,0 +1,376 @@
+"""OrtGenaiBackend on a tiny exported model: provider choice and fallback, parity with torch, streaming, concurrency."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from backends.base import (
+    Backend,
+    BackendError,
+    ContextOverflowError,
+    GenerationRequest,
+    SamplingParams,
+)
+from backends.ort_genai import OrtGenaiBackend
+from backends.ort_providers import PROVIDERS, preference_for, resolve_provider
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPTS = [
+    "The capital of France is",
+    "Hello, how are you today?",
+    "def main():\n    return",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Symbols: !?.,;:'\"()[]{}",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama checkpoint exported for onnxruntime-genai (fp32, CPU) by the project's exporter."""
+    from plugin.export import export
+
+    home = tmp_path_factory.mktemp("ort-home")
+    return export(str(tiny_llama), target="cpu", precision="fp32", home=home, progress=False).path
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_export: Path) -> OrtGenaiBackend:
+    b = OrtGenaiBackend(tiny_export, device="cpu", max_batch_size=4)
+    b.load()
+    yield b
+    b.unload()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tiny_llama: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def run(backend: OrtGenaiBackend, request: GenerationRequest) -> tuple[str, list[int], list]:
+    chunks = list(backend.generate(request))
+    return "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids], chunks
+
+
+def greedy(text: str, n: int = 24, **kw) -> GenerationRequest:
+    return GenerationRequest(prompt=text, sampling=SamplingParams(max_new_tokens=n, **kw))
+
+
+# ---- provider choice ---------------------------------------------------------------------------------------
+
+
+def test_cpu_backend_reports_what_runs(backend: OrtGenaiBackend, tiny_llama: Path) -> None:
+    import json
+
+    caps = backend.capabilities()
+    assert isinstance(backend, Backend)
+    assert backend.provider == "CPUExecutionProvider"
+    assert (caps.name, caps.device, caps.provider, caps.precision) == (
+        "onnxruntime-genai",
+        "cpu",
+        "CPUExecutionProvider",
+        "fp32",
+    )
+    assert caps.context_length == json.loads((tiny_llama / "config.json").read_text())["max_position_embeddings"]
+    assert caps.max_batch_size == 4 and not caps.simulated
+    assert backend.load_attempts == []
+    assert backend.health().healthy
+
+
+def test_npu_request_on_cpu_only_machine_reports_cpu_and_why(tiny_export: Path) -> None:
+    b = OrtGenaiBackend(tiny_export, device="npu")
+    b.load()
+    if b.provider != "CPUExecutionProvider":
+        pytest.skip(f"this machine has a real accelerator provider: {b.provider}")
+    caps = b.capabilities()
+    assert caps.device == "cpu" and caps.provider == "CPUExecutionProvider" and not caps.simulated
+    tried = [p for p, _ in b.load_attempts]
+    assert tried == [s.ort_name for s in preference_for("npu")][:-1]  # every NPU-capable provider, then CPU ran
+    assert all(reason for _, reason in b.load_attempts)
+
+
+def test_simulated_npu_says_so(tiny_export: Path) -> None:
+    b = OrtGenaiBackend(tiny_export, device="npu", simulated=True)
+    b.load()
+    caps = b.capabilities()
+    assert (caps.device, caps.provider, caps.simulated) == ("npu", "CPUExecutionProvider", True)
+
+
+def test_forced_failing_provider_falls_back_to_cpu(tiny_export: Path) -> None:
+    b = OrtGenaiBackend(tiny_export, device="gpu", providers=["cuda", "cpu"])
+    b.load()
+    assert b.provider == "CPUExecutionProvider"
+    assert [p for p, _ in b.load_attempts] == ["CUDAExecutionProvider"]
+    assert b.load_attempts[0][1].startswith("load failed")
+    assert b.capabilities().device == "cpu"  # a GPU placement that fell back to CPU must not say GPU
+    _, ids, _ = run(b, greedy(PROMPTS[0], 4))
+    assert len(ids) == 4
+
+
+def test_default_npu_order_tries_each_provider_for_real(tiny_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With detection bypassed, every NPU provider really fails to load in this build, in preference order."""
+    import backends.ort_providers as providers
+
+    monkeypatch.setattr(providers, "unavailable_reason", lambda spec: None)
+    b = OrtGenaiBackend(tiny_export, device="npu")
+    b.load()
+    if b.provider != "CPUExecutionProvider":
+        pytest.skip(f"this machine has a real accelerator provider: {b.provider}")
+    assert [p for p, _ in b.load_attempts] == [
+        "QNNExecutionProvider",
+        "OpenVINOExecutionProvider",
+        "VitisAIExecutionProvider",
+        "DmlExecutionProvider",
+    ]
+    assert all(reason.startswith("load failed") for _, reason in b.load_attempts)
+
+
+def test_no_provider_loads_is_a_clear_error(tiny_export: Path) -> None:
+    b = OrtGenaiBackend(tiny_export, device="gpu", providers=["cuda"])
+    with pytest.raises(BackendError, match=r"CUDAExecutionProvider.*Fix: include 'cpu'"):
+        b.load()
+
+
+def test_provider_names_and_bad_arguments(tiny_export: Path) -> None:
+    assert resolve_provider("QNNExecutionProvider") is PROVIDERS["qnn"]
+    assert resolve_provider("OpenVINO").options == {"device_type": "NPU"}
+    assert [s.key for s in preference_for("gpu")] == ["cuda", "dml", "cpu"]
+    with pytest.raises(ValueError, match="Unknown execution provider 'tpu'"):
+        OrtGenaiBackend(tiny_export, providers=["tpu"])
+    with pytest.raises(ValueError, match="device must be"):
+        OrtGenaiBackend(tiny_export, device="fpga")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        OrtGenaiBackend(tiny_export, max_batch_size=0)
+    with pytest.raises(BackendError, match="not an onnxruntime-genai export"):
+        OrtGenaiBackend(tiny_export.parent, device="cpu").load()
+    with pytest.raises(BackendError, match="call load"):
+        OrtGenaiBackend(tiny_export, device="cpu").generate(greedy("hi"))
+
+
+# ---- generation --------------------------------------------------------------------------------------------
+
+
+def test_chat_template_matches_transformers(backend: OrtGenaiBackend, hf_tokenizer) -> None:
+    expected = hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    assert backend.encode(GenerationRequest(messages=MESSAGES)) == list(expected)
+
+
+def test_greedy_equals_torch_generate(backend: OrtGenaiBackend, tiny_llama: Path, hf_tokenizer) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    for request in (
+        GenerationRequest(messages=MESSAGES, sampling=SamplingParams(max_new_tokens=24)),
+        greedy(PROMPTS[1]),
+    ):
+        prompt_ids = backend.encode(request)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=24, do_sample=False)
+        expected = out[0, len(prompt_ids) :].tolist()
+        if expected and expected[-1] == hf_tokenizer.eos_token_id:
+            expected = expected[:-1]
+        _, ids, chunks = run(backend, request)
+        assert ids == expected
+        assert chunks[-1].finish_reason == ("length" if len(ids) == 24 else "stop")
+
+
+def test_streamed_text_equals_full_decode(backend: OrtGenaiBackend, hf_tokenizer) -> None:
+    for i, prompt in enumerate(PROMPTS):
+        request = GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=32, temperature=1.0, seed=i))
+        text, ids, chunks = run(backend, request)
+        assert len(ids) > 0
+        assert text == hf_tokenizer.decode(ids, skip_special_tokens=True)
+        assert all(c.prompt_tokens == len(backend.encode(request)) for c in chunks)
+        assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+
+
+def test_seed_reproducible_and_seeds_differ(backend: OrtGenaiBackend) -> None:
+    def sample(seed: int) -> list[int]:
+        params = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.95, top_k=50, seed=seed)
+        return run(backend, GenerationRequest(prompt=PROMPTS[0], sampling=params))[1]
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    assert sample(7) != run(backend, greedy(PROMPTS[0]))[1]
+
+
+def test_stop_string_cuts_output(backend: OrtGenaiBackend) -> None:
+    params = dict(max_new_tokens=40, temperature=1.0, seed=3)
+    full, _, _ = run(backend, GenerationRequest(prompt=PROMPTS[2], sampling=SamplingParams(**params)))
+    stop = next(
+        full[i : i + 2] for i in range(3, len(full) - 2) if full[i : i + 2].strip() and "\ufffd" not in full[i : i + 2]
+    )
+    expected = full[: full.index(stop)]
+    text, _, chunks = run(
+        backend, GenerationRequest(prompt=PROMPTS[2], sampling=SamplingParams(stop=(stop,), **params))
+    )
+    assert text == expected
+    assert chunks[-1].finish_reason == "stop"
+
+
+def test_eos_stops_with_stop_and_is_not_emitted(backend: OrtGenaiBackend, tiny_export: Path, tmp_path: Path) -> None:
+    """Make the 3rd greedy token of a prompt the model's eos (in a copy of the export): the stream must end there."""
+    import json
+    import shutil
+
+    _, ids, _ = run(backend, greedy(PROMPTS[2]))
+    eos_at = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
+    folder = shutil.copytree(tiny_export, tmp_path / "eos-variant")
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["eos_token_id"] = ids[eos_at]
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    b = OrtGenaiBackend(folder, device="cpu")
+    b.load()
+    text, got, chunks = run(b, greedy(PROMPTS[2]))
+    assert got == ids[:eos_at]
+    assert chunks[-1].finish_reason == "stop"
+    assert text == run(backend, greedy(PROMPTS[2], eos_at))[0]
+
+
+def test_max_new_tokens_gives_length(backend: OrtGenaiBackend) -> None:
+    _, ids, chunks = run(backend, greedy(PROMPTS[3], 5, repetition_penalty=1.2))
+    assert len(ids) <= 5 and chunks[-1].finish_reason in ("length", "stop")
+    if len(ids) == 5:
+        assert chunks[-1].finish_reason == "length"
+
+
+def test_cancel_stops_within_one_token(backend: OrtGenaiBackend) -> None:
+    request = greedy(PROMPTS[0], 200)
+    stream = backend.generate(request)
+    first = [next(stream) for _ in range(3)]
+    assert all(c.token_ids for c in first)
+    assert backend.cancel(request.request_id)
+    rest = list(stream)
+    assert rest[-1].finish_reason == "cancelled"
+    assert sum(len(c.token_ids) for c in rest) <= 1
+    assert not backend.cancel(request.request_id)  # finished requests are forgotten
+    assert backend.health().active_requests == 0
+
+
+def test_cancel_from_another_thread_and_while_queued(tiny_export: Path) -> None:
+    b = OrtGenaiBackend(tiny_export, device="cpu", max_batch_size=1)
+    b.load()
+    running, queued = greedy(PROMPTS[0], 200), greedy(PROMPTS[1], 200)
+    first_stream = b.generate(running)
+    next(first_stream)  # holds the only slot
+    result: dict[str, list] = {}
+    t = threading.Thread(target=lambda: result.setdefault("queued", list(b.generate(queued))))
+    t.start()
+    while b.health().active_requests < 2:
+        threading.Event().wait(0.005)
+    assert b.cancel(queued.request_id)
+    t.join(timeout=10)
+    assert [c.finish_reason for c in result["queued"]] == ["cancelled"]
+    assert not any(c.token_ids for c in result["queued"])
+    threading.Timer(0.02, b.cancel, args=(running.request_id,)).start()
+    rest = list(first_stream)
+    assert rest[-1].finish_reason == "cancelled" and sum(len(c.token_ids) for c in rest) < 199
+
+
+def test_four_concurrent_streams_get_their_own_text(backend: OrtGenaiBackend) -> None:
+    expected = [run(backend, greedy(p))[:2] for p in PROMPTS]
+    barrier = threading.Barrier(len(PROMPTS), timeout=30)
+    results: list[tuple[str, list[int]] | None] = [None] * len(PROMPTS)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            stream = backend.generate(greedy(PROMPTS[i]))
+            chunks = [next(stream)]
+            barrier.wait()  # all four are mid-generation on one model at this point
+            chunks += list(stream)
+            results[i] = ("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert results == expected
+    assert len({tuple(ids) for _, ids in expected}) > 1  # the prompts really lead to different outputs
+
+
+def test_concurrency_is_bounded_by_max_batch_size(tiny_export: Path) -> None:
+    b = OrtGenaiBackend(tiny_export, device="cpu", max_batch_size=2)
+    b.load()
+    live, peak, lock = [0], [0], threading.Lock()
+    original = b._decode
+
+    def counting(*args, **kwargs):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        try:
+            yield from original(*args, **kwargs)
+        finally:
+            with lock:
+                live[0] -= 1
+
+    b._decode = counting  # type: ignore[method-assign]
+    outs: list[list[int]] = []
+    threads = [threading.Thread(target=lambda p=p: outs.append(run(b, greedy(p, 48))[1])) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(outs) == 4 and peak[0] == 2
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_context_overflow_raises_before_any_work(backend: OrtGenaiBackend) -> None:
+    context = backend.capabilities().context_length
+    with pytest.raises(ContextOverflowError, match=r"exceeds the model's context length 256"):
+        backend.generate(greedy(PROMPTS[0], context))
+    assert backend.health().active_requests == 0
+    n_prompt = len(backend.encode(greedy(PROMPTS[0])))
+    _, ids, _ = run(backend, greedy(PROMPTS[0], context - n_prompt, repetition_penalty=1.5))
+    assert 0 < len(ids) <= context - n_prompt
+
+
+def test_invalid_sampling_values_are_clear(backend: OrtGenaiBackend) -> None:
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1.0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="must be a dict with 'role' and 'content'"):
+        GenerationRequest(messages=[{"role": "user"}])
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        backend.generate(GenerationRequest(prompt=""))
+
+
+def test_duplicate_request_id_is_rejected(backend: OrtGenaiBackend) -> None:
+    request = greedy(PROMPTS[0], 50)
+    stream = backend.generate(request)
+    next(stream)
+    with pytest.raises(ValueError, match="already generating"):
+        backend.generate(request)
+    assert backend.cancel(request.request_id)
+    list(stream)
+
+
+# ---- the real default model --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_model_answers_paris(tmp_path: Path) -> None:
+    from plugin.export import export
+
+    exported = export("default", target="npu", precision="int4", progress=False)
+    b = OrtGenaiBackend(exported.path, device="npu", simulated=True)
+    b.load()
+    caps = b.capabilities()
+    assert (caps.device, caps.provider, caps.precision) == ("npu", "CPUExecutionProvider", "int4")
+    text, _, chunks = run(b, GenerationRequest(messages=MESSAGES, sampling=SamplingParams(max_new_tokens=32)))
+    assert "Paris" in text
+    assert chunks[-1].finish_reason == "stop"
