@@ -79,36 +79,21 @@ def _versions() -> dict[str, str]:
 
 
 def _home(home: Path | None) -> Path:
-    if home is not None:
-        return Path(home).expanduser()
+    from plugin.home import accelserve_home
+
+    return Path(home).expanduser() if home is not None else accelserve_home()
+
+
+def _resolve(model_ref: str | Path, home: Path) -> tuple[Path, str, str]:
+    """(local HF folder, display name, reference) for a model reference, via plugin.models."""
+    from plugin.models import resolve_model
+
     try:
-        from plugin.home import accelserve_home
-    except ImportError:  # plugin.home not present yet: same contract inline
-        import os
-
-        return Path(os.environ.get("ACCELSERVE_HOME") or Path.home() / ".cache" / "accelserve")
-    return Path(accelserve_home())
-
-
-def _resolve(model_ref: str | Path) -> tuple[Path, str, str]:
-    """(local HF folder, display name, reference) for a model reference."""
-    try:
-        from plugin.models import resolve_model
-    except ImportError:
-        resolve_model = None
-    if resolve_model is not None:
-        try:
-            resolved = resolve_model(model_ref)
-        except ExportError:
-            raise
-        except Exception as e:  # ModelSourceError and friends: keep their user-facing message
-            raise ExportError(str(e)) from e
-        name = getattr(getattr(resolved, "profile", None), "name", None) or Path(resolved.path).name
-        return Path(resolved.path), str(name), str(resolved.ref)
-    path = Path(model_ref).expanduser()
-    if not path.is_dir():
-        raise ExportError(f"{model_ref!s} is not a local model folder; pass a folder with config.json and weights")
-    return path.resolve(), path.name, str(model_ref)
+        resolved = resolve_model(model_ref, home=home)
+    except Exception as e:  # ModelSourceError and friends: keep their user-facing message
+        raise ExportError(str(e)) from e
+    name = getattr(resolved.profile, "name", None) or Path(resolved.path).name
+    return Path(resolved.path), str(name), str(resolved.ref)
 
 
 def _read_hf_config(source: Path) -> dict[str, Any]:
@@ -129,7 +114,12 @@ def check_architecture(hf_config: dict[str, Any], source: Path | str = "") -> st
 
 
 def _config_provider_options(target: str, precision: str) -> tuple[list[dict[str, Any]], str]:
-    """Provider written into genai_config: one this onnxruntime-genai build has and that runs the format."""
+    """Provider written into genai_config: one this onnxruntime-genai build has and that runs the format.
+
+    A GPU export on a build without CUDA/DirectML names the CPU (every precision loads there), so the folder
+    always loads as written; builds with a GPU provider have a different onnxruntime-genai distribution
+    name, which is part of the cache key, so they never share a folder with CPU builds.
+    """
     import onnxruntime_genai as og
 
     if target == "gpu":
@@ -139,8 +129,6 @@ def _config_provider_options(target: str, precision: str) -> tuple[list[dict[str
                     return provider_options_for(target, provider, precision), provider
                 except ExportError as e:
                     log.info("not writing %s into genai_config: %s", provider, e)
-        if precision == "fp16":
-            return provider_options_for(target, "cuda", precision), "cuda"
     # npu: no NPU provider runs a dynamic-shape MatMulNBits graph (see targets.py), so the config names
     # the CPU floor and the backend chooses a present accelerator's provider at load time.
     return [], "cpu"
@@ -232,16 +220,17 @@ def export(
     folder is copied there and `path` points at it. Raises ExportError with a user-ready message.
     """
     check_target(target, precision)
-    source, name, ref = _resolve(model_ref)
+    home_dir = _home(home)
+    source, name, ref = _resolve(model_ref, home_dir)
     arch = check_architecture(_read_hf_config(source), source)
     if precision in ("int4", "int8") and (block_size < 16 or block_size & (block_size - 1)):
         raise ExportError(f"block_size must be a power of two >= 16 (got {block_size}); 32 or 128 are typical")
 
-    root = _home(home) / "exports"
+    root = home_dir / "exports"
     timer = StepTimer(progress=progress, label=f"[{name} {target}/{precision}] ")
     started = time.perf_counter()
     with timer.step("hash_source", "hashing source checkpoint"):
-        source_hash = cache.hash_source(source)
+        source_hash = cache.hash_source(source, memo=root / cache.HASH_MEMO)
     options = {"block_size": block_size, "symmetric": symmetric} if precision in ("int4", "int8") else {}
     versions = _versions()
     key = cache.compute_key(name, target, precision, source_hash, options, versions)
@@ -276,7 +265,7 @@ def export(
                     "options": options,
                     "versions": versions,
                     **learned,
-                    "providers": providers_report(target, precision),
+                    "providers": providers_report(precision),
                     "parity": parity_report,
                     "timings_s": dict(timer.timings),
                     "created_unix": int(time.time()),

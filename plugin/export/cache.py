@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 TMP_PREFIX = ".tmp-"
+HASH_MEMO = ".source-hashes.json"
 LOCK_TIMEOUT_S = 3600.0  # a real export of a small model takes minutes; waiting beats duplicate work
 
 _CHUNK = 1 << 20
@@ -40,18 +41,44 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def hash_source(folder: Path) -> str:
-    """Content hash of a checkpoint folder: names and bytes of every file (sorted), hidden files excluded."""
-    h = hashlib.sha256()
+def _load_memo(memo: Path | None) -> dict[str, str]:
+    if memo is None or not memo.is_file():
+        return {}
+    try:
+        data = json.loads(memo.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        log.info("ignoring unreadable hash memo %s: %s", memo, e)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def hash_source(folder: Path, memo: Path | None = None) -> str:
+    """Content hash of a checkpoint folder: names and bytes of every file (sorted), hidden files excluded.
+
+    Per-file digests are memoised in `memo` by (path, size, mtime), so a cache hit on a large checkpoint
+    does not re-read its weights; any edit changes the mtime and so the digest is recomputed.
+    """
     files = sorted(
         p for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
     )
     if not files:
         raise ExportError(f"{folder} holds no files; point at a Hugging Face model folder (config.json + weights)")
+    known = _load_memo(memo)
+    fresh: dict[str, str] = {}
+    h = hashlib.sha256()
     for p in files:
+        st = p.stat()
+        memo_key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        digest = known.get(memo_key) or sha256_file(p)
+        fresh[memo_key] = digest
         h.update(p.relative_to(folder).as_posix().encode())
         h.update(b"\0")
-        h.update(sha256_file(p).encode())
+        h.update(digest.encode())
+    if memo is not None and any(k not in known for k in fresh):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps({**known, **fresh}), encoding="utf-8")
+        os.replace(tmp, memo)
     return h.hexdigest()
 
 
@@ -124,13 +151,14 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 @contextmanager
 def key_lock(root: Path, key: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Exclusive lock for one key across processes (another process exporting it makes us wait)."""
-    root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(root / f".{key}.lock"))
+    locks = root / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(locks / f"{key}.lock"))
     try:
         lock.acquire(timeout=timeout)
     except Timeout as e:
         raise ExportError(
-            f"another process has held the export lock {root / f'.{key}.lock'} for {timeout:.0f}s; "
+            f"another process has held the export lock {locks / f'{key}.lock'} for {timeout:.0f}s; "
             "wait for it, or delete the lock file if no export is running"
         ) from e
     try:

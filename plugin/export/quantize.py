@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
+from onnx import numpy_helper
+
 from plugin.export.errors import ExportError
 from plugin.export.onnx_files import MODEL_FILE, load_model, save_model
 
@@ -34,12 +37,52 @@ class QuantResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite Gemm(A, W, C) with a constant W as MatMul(A, W) + C, in place; return how many.
+
+    GPT-2's Conv1D layers export as Gemm, which MatMulNBitsQuantizer does not touch; as MatMul they get
+    quantized like every other family's Linear layers. Only plain Gemms (alpha=beta=1, no transA) are
+    rewritten; a transposed W is stored transposed once.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if node.op_type != "Gemm" or not plain or len(node.input) < 2 or node.input[1] not in inits:
+            new_nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(inits[weight]).T.copy()
+            weight = f"{weight}_transposed_for_matmul"
+            if weight not in inits:
+                t = numpy_helper.from_array(w, weight)
+                graph.initializer.append(t)
+                inits[weight] = t
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        new_nodes.append(onnx.helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=f"{node.name}_MatMul"))
+        if has_bias:
+            new_nodes.append(
+                onnx.helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{node.name}_Add")
+            )
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    return count
+
+
 def _matmul_nbits(src: Path, dst: Path, bits: int, block_size: int, symmetric: bool) -> QuantResult:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if block_size < 16 or block_size & (block_size - 1):
         raise ExportError(f"block_size must be a power of two >= 16 (got {block_size}); 32 or 128 are typical")
     model = load_model(src)
+    rewritten = gemm_to_matmul(model)
     quant = MatMulNBitsQuantizer(
         model,
         bits=bits,
@@ -62,6 +105,7 @@ def _matmul_nbits(src: Path, dst: Path, bits: int, block_size: int, symmetric: b
             "symmetric": symmetric,
             "accuracy_level": DEFAULT_ACCURACY_LEVEL,
             "quantized_matmuls": n,
+            "gemm_rewritten_as_matmul": rewritten,
         },
     )
 

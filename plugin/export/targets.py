@@ -20,7 +20,8 @@ What each provider needs (onnxruntime, OpenVINO, Ryzen AI documentation):
   not in the public onnxruntime-genai wheels. -> refused.
 - DirectML (Windows GPUs): fp16 and int4 MatMulNBits; fp32 works. No 8-bit MatMulNBits kernel.
 - CUDA: fp16, int4 and int8 MatMulNBits, fp32.
-- CPU: fp32, int8 and int4 MatMulNBits; fp16 runs through inserted casts (slow) — not offered.
+- CPU: fp32, int8 and int4 MatMulNBits; fp16 graphs load and run, slower than fp32 (the CPU target does
+  not build fp16, but a GPU export still loads on the CPU floor).
 
 So target="npu" on any machine produces the format every NPU-capable path can start from and that
 always loads somewhere: an int4 (or int8) MatMulNBits graph whose genai_config names the CPU provider
@@ -30,7 +31,7 @@ always loads somewhere: an int4 (or int8) MatMulNBits graph whose genai_config n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from plugin.export.errors import ExportError
@@ -48,20 +49,22 @@ TARGET_PRECISIONS: dict[str, tuple[str, ...]] = {
     "gpu": ("fp16", "int4", "int8", "fp32"),
 }
 
-# Providers tried for each target, best first; the CPU is the floor for every target.
+# Providers each target may name, best first; the CPU is the floor for every target.
 TARGET_PROVIDERS: dict[str, tuple[str, ...]] = {
     "npu": ("qnn", "OpenVINO", "VitisAI", "cpu"),
-    "gpu": ("cuda", "dml", "cpu"),
-    "cpu": ("cpu",),
+    "gpu": ("cuda", "dml", "OpenVINO", "cpu"),
+    "cpu": ("cpu", "OpenVINO"),
 }
+# OpenVINO device per target.
+_OPENVINO_DEVICE = {"npu": "NPU", "gpu": "GPU", "cpu": "CPU"}
 
 _PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
     "cpu": {},
     "cuda": {"enable_cuda_graph": "0"},  # graph capture needs past_present_share_buffer (static KV)
     "dml": {},
-    # Options a QNN-prepared model uses; the HTP backend, burst clock, context binary cache.
+    # What a QNN-prepared model runs with: the HTP backend at burst clock, optimized graph finalization.
     "qnn": {"backend_type": "htp", "htp_performance_mode": "burst", "htp_graph_finalization_optimization_mode": "3"},
-    "OpenVINO": {"device_type": "NPU"},
+    "OpenVINO": {"device_type": "CPU"},
     "VitisAI": {},
 }
 
@@ -73,8 +76,8 @@ class ProviderSupport:
     reason: str
 
 
-def provider_support(provider: str, precision: str, target: str = "npu") -> ProviderSupport:
-    """Can an Optimum-graph export at `precision` load on `provider`? With the reason either way."""
+def provider_support(provider: str, precision: str, device: str | None = None) -> ProviderSupport:
+    """Can an Optimum-graph export at `precision` load on `provider` (OpenVINO: on `device`)? With why."""
     if provider == "qnn":
         return ProviderSupport(
             provider,
@@ -90,14 +93,14 @@ def provider_support(provider: str, precision: str, target: str = "npu") -> Prov
             "public onnxruntime-genai wheels",
         )
     if provider == "OpenVINO":
-        if target == "npu":
+        if (device or "CPU") == "NPU":
             return ProviderSupport(
                 provider,
                 False,
                 "OpenVINO's NPU device compiles static shapes with symmetric int4 group 128 or channel-wise "
-                "weights; this export has dynamic shapes (OpenVINO device_type CPU/GPU can load it)",
+                "weights; this export has dynamic shapes (OpenVINO's CPU and GPU devices can load it)",
             )
-        return ProviderSupport(provider, precision != "fp16", "OpenVINO CPU/GPU devices read dynamic ONNX graphs")
+        return ProviderSupport(provider, True, f"OpenVINO's {device or 'CPU'} device reads dynamic ONNX graphs")
     if provider == "dml":
         if precision == "int8":
             return ProviderSupport(provider, False, "DirectML has no 8-bit MatMulNBits kernel; use int4 or fp16")
@@ -106,7 +109,9 @@ def provider_support(provider: str, precision: str, target: str = "npu") -> Prov
         return ProviderSupport(provider, True, "CUDA runs fp16/fp32 and MatMulNBits int4/int8")
     if provider == "cpu":
         if precision == "fp16":
-            return ProviderSupport(provider, False, "the CPU provider has few fp16 kernels; use fp32, int8 or int4")
+            return ProviderSupport(
+                provider, True, "the CPU provider runs fp16 graphs, slower than fp32 (a fallback only)"
+            )
         return ProviderSupport(provider, True, "the CPU provider runs fp32 and MatMulNBits int4/int8")
     raise ExportError(f"unknown execution provider {provider!r}; known: {', '.join(PROVIDERS)}")
 
@@ -118,46 +123,58 @@ def check_target(target: str, precision: str) -> None:
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision not in TARGET_PRECISIONS[target]:
+        why = {
+            "npu": "no NPU provider runs fp16 graphs; use int4 (or int8)",
+            "cpu": "fp16 is slower than fp32 on the CPU; use fp32, int8 or int4",
+        }.get(target, "")
         raise ExportError(
             f"precision {precision!r} is not built for target {target!r} "
-            f"(choose {', '.join(TARGET_PRECISIONS[target])}): "
-            + ("no NPU provider runs fp16 graphs from this export; use int4" if target == "npu" else "")
-            + ("the CPU runs fp16 through slow casts; use fp32, int8 or int4" if target == "cpu" else "")
+            f"(choose {', '.join(TARGET_PRECISIONS[target])}): {why}"
         )
+
+
+def canonical_provider(provider: str) -> str:
+    aliases = {p.lower(): p for p in PROVIDERS} | {"directml": "dml", "openvino": "OpenVINO", "vitisai": "VitisAI"}
+    canonical = aliases.get(provider.lower().removesuffix("executionprovider"))
+    if canonical is None:
+        raise ExportError(f"unknown execution provider {provider!r}; known: {', '.join(PROVIDERS)}")
+    return canonical
 
 
 def provider_options_for(target: str, provider: str | None = None, precision: str = "int4") -> list[dict[str, Any]]:
     """genai_config `provider_options` entries for `target` (optionally a named provider).
 
-    Returns [] for the CPU (onnxruntime-genai's default). Raises ExportError when the named provider cannot
-    run this export format, rather than return options for a config that would fail to load.
+    Returns [] for the CPU (onnxruntime-genai's default; also what provider=None gives: the CPU floor, the
+    backend appends a present accelerator's provider at load time). Raises ExportError when the named
+    provider cannot run this export format, rather than return options for a config that would fail to load.
     """
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if provider is None:
-        return []  # the CPU floor; the backend appends a present accelerator's provider at load time
-    canonical = {p.lower(): p for p in PROVIDERS}.get(provider.lower())
-    if canonical is None:
-        raise ExportError(f"unknown execution provider {provider!r}; known: {', '.join(PROVIDERS)}")
+        return []
+    canonical = canonical_provider(provider)
     if canonical not in TARGET_PROVIDERS[target]:
         raise ExportError(
             f"provider {canonical!r} does not serve target {target!r}; it takes {', '.join(TARGET_PROVIDERS[target])}"
         )
-    support = provider_support(canonical, precision, target)
+    device = _OPENVINO_DEVICE[target] if canonical == "OpenVINO" else None
+    support = provider_support(canonical, precision, device)
     if not support.loads:
-        raise ExportError(f"this export cannot load on {canonical}: {support.reason}")
+        raise ExportError(f"this export cannot load on {canonical}{f' {device}' if device else ''}: {support.reason}")
     if canonical == "cpu":
         return []
     options = dict(_PROVIDER_OPTIONS[canonical])
-    if canonical == "OpenVINO":
-        options["device_type"] = "GPU" if target == "gpu" else "CPU"
+    if device:
+        options["device_type"] = device
     return [{canonical: options}]
 
 
-def providers_report(target: str, precision: str) -> dict[str, dict[str, Any]]:
-    """Per provider: can this folder load there and why (goes into manifest.json)."""
-    report = {}
+def providers_report(precision: str) -> dict[str, dict[str, Any]]:
+    """Per provider (OpenVINO per device): can this folder load there and why (goes into manifest.json)."""
+    report: dict[str, dict[str, Any]] = {}
     for p in PROVIDERS:
-        s = provider_support(p, precision, target)
-        report[p] = {k: v for k, v in asdict(s).items() if k != "provider"}
+        devices = ("NPU", "GPU", "CPU") if p == "OpenVINO" else (None,)
+        for d in devices:
+            s = provider_support(p, precision, d)
+            report[f"{p}:{d}" if d else p] = {"loads": s.loads, "reason": s.reason}
     return report
