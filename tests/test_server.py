@@ -473,3 +473,34 @@ def test_non_loopback_bind_needs_a_key_or_an_explicit_opt_out(caplog):
 def test_create_app_needs_an_engine():
     with pytest.raises(ValueError, match="at least one engine"):
         create_app({})
+
+
+# ---- the real engine path: tiny checkpoint, real backend on the CPU ---------------------------------
+
+
+def test_real_engine_on_cpu_end_to_end(tiny_llama, accelserve_home):
+    """No fakes below the server: the tiny checkpoint is exported/loaded by the default factory on the CPU."""
+    from plugin.devices import discover_devices
+
+    cpu = [d for d in discover_devices() if d.kind == "cpu" and not d.simulated]
+    engine = Engine(resolve_model(tiny_llama), devices=cpu, cost_model=CostModel(path=None))
+    with engine, running(create_app({"tiny-real": engine})) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny-real", messages=[{"role": "user", "content": "hi"}], max_tokens=6
+        )
+        reply = raw.parse()
+        placement = reply.model_extra["accelserve"]
+        assert placement["device"] == "cpu" and placement["simulated"] is False
+        assert placement["backend"] in ("onnxruntime-genai", "torch")
+        assert raw.headers["x-accelserve-provider"] == placement["provider"]
+        assert 1 <= reply.usage.completion_tokens <= 6 and reply.usage.prompt_tokens > 0
+        streamed = list(
+            client.chat.completions.create(
+                model="tiny-real", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == reply.choices[0].message.content
+        body = {"model": "tiny-real", "messages": [{"role": "user", "content": "hi " * 3000}], "max_tokens": 8}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert_error(r, 413, "invalid_request_error", "context length")
