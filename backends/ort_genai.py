@@ -46,9 +46,10 @@ from backends.base import (
     SamplingParams,
     TokenChunk,
 )
+from backends.ort_detok import Detokenizer, StreamDecoder
 from backends.ort_providers import ProviderSpec, load_with_fallback, preference_for
 from backends.ort_template import ChatTemplate, load_chat_template
-from backends.textstream import IncrementalDetokenizer, StopStringMatcher
+from backends.textstream import StopStringMatcher
 
 log = logging.getLogger(__name__)
 
@@ -119,26 +120,7 @@ def search_options(sampling: SamplingParams, max_length: int) -> dict[str, Any]:
     return options
 
 
-class _RustTokenizerDecoder:
-    """transformers' own decoder (the `tokenizers` Rust library, from tokenizer.json) behind the HF decode signature.
-
-    Text is decoded with it rather than onnxruntime-genai's TokenizerStream so streamed text equals what
-    transformers' `decode(ids, skip_special_tokens=True)` gives, including invalid byte sequences (which
-    the genai stream drops or collapses differently).
-    """
-
-    def __init__(self, tokenizer_json: Path) -> None:
-        from tokenizers import Tokenizer
-
-        self._tok = Tokenizer.from_file(str(tokenizer_json))
-
-    def decode(
-        self, ids: list[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False
-    ) -> str:
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-class _GenaiStreamDetokenizer:
+class _GenaiStream:
     """Fallback when the folder has no tokenizer.json (e.g. a SentencePiece model): onnxruntime-genai's stream."""
 
     def __init__(self, tokenizer: Any) -> None:
@@ -204,7 +186,7 @@ class OrtGenaiBackend:
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._encode_lock = threading.Lock()
-        self._decoder: _RustTokenizerDecoder | None = None
+        self._detok: Detokenizer | None = None
         self._last_error = ""
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -236,10 +218,10 @@ class OrtGenaiBackend:
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         eos_ids.update(int(t) for t in tokenizer.eos_token_ids)
         self._template = load_chat_template(self.model_dir)
-        self._decoder = None
+        self._detok = None
         if (self.model_dir / "tokenizer.json").is_file():
             try:
-                self._decoder = _RustTokenizerDecoder(self.model_dir / "tokenizer.json")
+                self._detok = Detokenizer(self.model_dir / "tokenizer.json")
             except Exception as exc:
                 log.warning(
                     "tokenizer.json in %s does not load (%s); streaming with onnxruntime-genai's decoder",
@@ -389,11 +371,7 @@ class OrtGenaiBackend:
         except Exception as exc:
             self._last_error = str(exc)
             raise BackendError(f"onnxruntime-genai failed on the prompt ({self.provider}): {exc}") from exc
-        stream: IncrementalDetokenizer | _GenaiStreamDetokenizer
-        if self._decoder is not None:
-            stream = IncrementalDetokenizer(self._decoder, ids)
-        else:
-            stream = _GenaiStreamDetokenizer(tokenizer)
+        stream: StreamDecoder = self._detok.stream(ids) if self._detok is not None else _GenaiStream(tokenizer)
         stops = StopStringMatcher(sampling.stop) if sampling.stop else None
         eos_ids, cancelled = self._eos_ids, state.cancelled
         n_prompt, produced = len(ids), 0
