@@ -499,15 +499,16 @@ def format_devices_table(devices: Sequence[DeviceInfo]) -> Any:
     from rich.table import Table
 
     table = Table(title="Devices", title_justify="left")
-    for col in ("id", "name", "memory", "backends", "providers", "details"):
-        table.add_column(col, overflow="fold")
+    for col in ("id", "name", "memory", "backends", "providers"):
+        table.add_column(col, no_wrap=col in ("id", "memory", "backends"), overflow="fold")
+    table.add_column("details", ratio=1, overflow="fold")
     for d in devices:
         table.add_row(
-            d.id + (" (simulated)" if d.simulated else ""),
+            d.id,
             d.name,
             format_bytes(d.memory_bytes),
-            ", ".join(d.backends) or "-",
-            ", ".join(d.providers) or "-",
+            "\n".join(d.backends) or "-",
+            "\n".join(p.removesuffix("ExecutionProvider") for p in d.providers) or "-",
             _details_text(d),
         )
     return table

@@ -427,7 +427,7 @@ def _auto(
         kind = c.device.kind
         rank = order.index(kind) if kind in order else len(order)
         # among non-preferred kinds (heavy work without a GPU) the fastest wins
-        return (rank, c.idle_total_s, _KIND_ORDER[kind])
+        return (rank, c.total_s, _KIND_ORDER[kind])
 
     ranked = sorted(feasible, key=preference)
     preferred = ranked[0]
@@ -435,11 +435,11 @@ def _auto(
         first = next(iter(order))
         why = f"policy auto sends heavy work ({', '.join(heavy)}) to the GPU"
         if preferred.device.kind != first:
-            why += f"; {_absent(first, cands)}, so it goes to the fastest device"
+            why += f"; {_absent(first, cands)}, so it goes to the device predicted to finish first"
     else:
         why = (
             f"policy auto prefers the NPU for small models (<= {format_params(AUTO_SMALL_MAX_PARAMS)} params) "
-            f"and light requests"
+            f"and light requests, then the GPU, then the CPU"
         )
         if preferred.device.kind != "npu":
             why += f"; {_absent('npu', cands)}"

@@ -331,7 +331,7 @@ def test_table_and_json():
     console = Console(record=True, width=200)
     console.print(format_devices_table(devs))
     text = console.export_text()
-    assert "gpu:0 (simulated)" in text and "Simulated GPU (runs on CPU)" in text and "cpu:0" in text
+    assert "simulated: executes on the CPU" in text and "Simulated GPU (runs on CPU)" in text and "cpu:0" in text
     assert "24.0 GB" in text
     data = devices_to_json(devs)
     json.dumps(data)  # serialisable as is
