@@ -147,6 +147,7 @@ def build_bpe_tokenizer(vocab: GgufVocab, context_length: int) -> PreTrainedToke
         model_max_length=context_length,
         clean_up_tokenization_spaces=False,
         add_bos_token=vocab.add_bos,
+        model_input_names=["input_ids", "attention_mask"],  # decoder LMs take no token_type_ids in generate()
     )
     if vocab.chat_template:
         fast.chat_template = vocab.chat_template

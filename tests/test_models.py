@@ -219,6 +219,7 @@ def test_gguf_converts_to_an_equivalent_checkpoint(tiny_gguf, tiny_llama, accels
     tok_conv = AutoTokenizer.from_pretrained(resolved.path)
     assert tok_conv(TEXT).input_ids == tok_orig(TEXT).input_ids
     assert tok_conv.decode(tok_conv(TEXT).input_ids) == TEXT
+    assert set(tok_conv("hi").keys()) == {"input_ids", "attention_mask"}  # generate(**inputs) must accept them
     msgs = [{"role": "user", "content": "Hello"}]
     assert tok_conv.apply_chat_template(msgs, add_generation_prompt=True) == tok_orig.apply_chat_template(
         msgs, add_generation_prompt=True
