@@ -222,13 +222,14 @@ class Engine:
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a running request by id (any thread). True if a backend knew it."""
-        return any(slot.backend.cancel(request_id) for slot in list(self._slots.values()))
+        return any([slot.backend.cancel(request_id) for slot in list(self._slots.values())])
 
     def status(self) -> list[dict[str, Any]]:
         """Per-device load and health, for dashboards and /health."""
         out = []
+        all_slots = list(self._slots.values())  # one atomic copy: the loop thread may add slots meanwhile
         for d in self.devices:
-            loaded = [s for s in self._slots.values() if s.device.id == d.id]
+            loaded = [s for s in all_slots if s.device.id == d.id]
             out.append(
                 {
                     "device_id": d.id,
@@ -532,8 +533,9 @@ class Engine:
     # ---- helpers --------------------------------------------------------------------------------
     def _load_snapshot(self) -> dict[str, DeviceLoad]:
         snap = {}
+        all_slots = list(self._slots.values())
         for d in self.devices:
-            slots = [s for s in self._slots.values() if s.device.id == d.id]
+            slots = [s for s in all_slots if s.device.id == d.id]
             snap[d.id] = DeviceLoad(
                 queued_requests=sum(s.waiting for s in slots),
                 active_requests=sum(s.active for s in slots),

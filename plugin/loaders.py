@@ -16,7 +16,6 @@ def default_backend_factory(model: ResolvedModel, placement: Placement, device: 
     """Build (not load) the backend a placement asks for. Exports go through the export cache."""
     if placement.backend == "onnxruntime-genai":
         from backends.ort_genai import OrtGenaiBackend
-
         from plugin.export import export
 
         exported = export(model.path, target=device.kind, precision=placement.precision)

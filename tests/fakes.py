@@ -6,9 +6,8 @@ import threading
 import time
 from collections.abc import Iterator
 
-from plugin.devices import DeviceInfo
-
 from backends.base import BackendCapabilities, BackendHealth, GenerationRequest, TokenChunk
+from plugin.devices import DeviceInfo
 
 
 def device(kind: str, gb: float = 8.0, simulated: bool = True, index: int = 0) -> DeviceInfo:

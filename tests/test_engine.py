@@ -7,12 +7,13 @@ import threading
 import time
 
 import pytest
-from fakes import FakeBackend, device
-from plugin.costmodel import CostModel
-from plugin.models import resolve_model
 
+from plugin.costmodel import CostModel
 from plugin.engine import ChatReply, Engine, NoDeviceAvailable, Overloaded
 from plugin.health import HealthTracker
+from plugin.models import resolve_model
+
+from fakes import FakeBackend, device
 
 
 class Clock:
@@ -100,18 +101,17 @@ def test_backoff_expiry_returns_device(tiny):
     npu = FakeBackend("npu", fail_first=True)
     engine, _ = make_engine(tiny, backends={"npu": npu}, health=health)
     with engine:
-        assert engine.chat([{"role": "user", "content": "a"}]).placement.device != "npu"
-        npu.fail_first = False
-        assert engine.chat([{"role": "user", "content": "b"}]).placement.device != "npu"
-        clock.now += 11
-        assert engine.chat([{"role": "user", "content": "c"}]).placement.device == "npu"
-        # a second failure doubles the back-off
-        npu.fail_first = True
-        engine.chat([{"role": "user", "content": "d"}])
+        assert engine.chat([{"role": "user", "content": "a"}]).placement.fallback_from == ("npu:0",)
+        clock.now += 11  # back-off expired: the NPU is tried again, fails again, back-off doubles to 20 s
+        assert engine.chat([{"role": "user", "content": "b"}]).placement.fallback_from == ("npu:0",)
         clock.now += 11
         assert not health.is_healthy("npu:0")
+        npu.fail_first = False
+        assert engine.chat([{"role": "user", "content": "c"}]).placement.device != "npu"
         clock.now += 10
-        assert health.is_healthy("npu:0")
+        served = engine.chat([{"role": "user", "content": "d"}]).placement
+        assert served.device == "npu" and served.fallback_from == ()
+        assert health.reason("npu:0") == ""  # a success resets the failure count
 
 
 def test_all_devices_failing_is_a_clear_error(tiny):
