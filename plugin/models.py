@@ -211,7 +211,15 @@ def _convert_cached(gguf: Path, target: Path, extra: dict) -> Path:
     def build(tmp: Path) -> dict:
         return {**convert_gguf(gguf, tmp, info), **extra}
 
-    return build_once(target, build, what=f"HF checkpoint of {gguf.name}")
+    try:
+        return build_once(target, build, what=f"HF checkpoint of {gguf.name}")
+    except ModelSourceError:
+        raise
+    except Exception as e:  # any failure of the converter: nothing was cached; say what and what to do
+        raise ModelSourceError(
+            f"{gguf}: converting the GGUF into an HF checkpoint failed ({type(e).__name__}: {e}); nothing was "
+            "cached. Check the file (re-download it), or pass the original HF checkpoint folder instead."
+        ) from e
 
 
 def _resolve_gguf(gguf: Path, ref: str, home: Path) -> ResolvedModel:

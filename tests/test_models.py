@@ -278,8 +278,9 @@ def test_failure_mid_conversion_leaves_nothing_finished(tiny_gguf, accelserve_ho
         raise RuntimeError("simulated crash while converting")
 
     monkeypatch.setattr(gguf_import, "_tokenizer_for", write_then_fail)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(ModelSourceError, match=r"converting the GGUF .* failed .*simulated crash") as info:
         resolve_model(tiny_gguf)
+    assert isinstance(info.value.__cause__, RuntimeError)
     assert _entries(accelserve_home) == []  # no target, no partial folder
 
     monkeypatch.setattr(gguf_import, "_tokenizer_for", real)
