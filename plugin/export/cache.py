@@ -183,7 +183,7 @@ def clean_stale_tmp(root: Path, key: str) -> None:
 def publish(tmp: Path, final: Path) -> None:
     """Move a finished temp folder into place; an old (invalid) folder is moved aside first, then removed."""
     if final.exists():
-        trash = final.with_name(f"{TMP_PREFIX}trash-{final.name}-{uuid.uuid4().hex[:8]}")
+        trash = final.with_name(f"{TMP_PREFIX}{final.name}-trash-{uuid.uuid4().hex[:8]}")
         os.replace(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, final)
