@@ -323,6 +323,61 @@ def test_concurrency_is_bounded_by_max_batch_size(tiny_export: Path) -> None:
     assert len(outs) == 4 and peak[0] == 2
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "windowed"])
+def test_detokenizer_streams_exactly_what_transformers_decodes(tiny_export: Path, hf_tokenizer, kind: str) -> None:
+    import random
+
+    from backends.ort_detok import Detokenizer
+
+    detok = Detokenizer(tiny_export / "tokenizer.json")
+    assert detok.kind == "byte-level"
+    if kind == "windowed":
+        detok._table = None  # the path for non-byte-level tokenizers
+    text = "Héllo wörld, 東京 🙂 naïve café"
+    ids = hf_tokenizer.encode(text, add_special_tokens=False)
+    stream = detok.stream([])
+    pieces = [stream.add(t) for t in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)  # a multi-byte character is never emitted in halves
+    rng = random.Random(0)
+    for _ in range(20):  # arbitrary ids: specials, invalid and truncated UTF-8
+        ids = [rng.randrange(len(hf_tokenizer)) for _ in range(rng.randrange(1, 30))]
+        stream = detok.stream([1, 2])
+        streamed = "".join(stream.add(t) for t in ids) + stream.flush()
+        assert streamed == hf_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_chat_template_sources(tmp_path: Path, tiny_export: Path, backend: OrtGenaiBackend) -> None:
+    import json
+
+    from backends.ort_template import load_chat_template
+
+    assert load_chat_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": {"content": "<s>", "special": True},
+                "chat_template": [
+                    {"name": "tool_use", "template": "tools"},
+                    {
+                        "name": "default",
+                        "template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                    },
+                ],
+            }
+        )
+    )
+    assert load_chat_template(tmp_path).render([{"role": "user", "content": "hi"}]) == "<s>hi"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ raise_exception('no system') }}"}))
+    with pytest.raises(ValueError, match="chat template rejected these messages: no system"):
+        load_chat_template(tmp_path).render([{"role": "system", "content": "x"}])
+    no_template = OrtGenaiBackend(tiny_export, device="cpu")
+    no_template.load()
+    no_template._template = None
+    with pytest.raises(ValueError, match=r"has no chat template.*send a raw `prompt`"):
+        no_template.generate(GenerationRequest(messages=MESSAGES))
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 
