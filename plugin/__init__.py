@@ -1,3 +1,86 @@
-"""accelserve: accelerator-aware serving for Hugging Face LLMs."""
+"""accelserve: accelerator-aware serving for Hugging Face LLMs.
+
+    from plugin import Engine
+    engine = Engine.from_pretrained("default", policy="auto")
+    reply = engine.chat([{"role": "user", "content": "Hi"}], max_new_tokens=64)
+    reply.text, reply.placement.device, reply.placement.reason, reply.metrics.tokens_per_s
+    for chunk in engine.chat(messages, stream=True): print(chunk.text, end="")
+    async for chunk in engine.achat(messages): ...
+
+    import plugin
+    plugin.export("default", target="npu", precision="int4")   # Optimum ONNX -> int4 -> onnxruntime-genai folder
+    plugin.discover_devices()                                  # GPUs, NPUs, CPU (+ simulated ones)
+
+Names are imported on first use, so `import plugin` stays fast (torch loads only when needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "Engine": "plugin.engine",
+    "ChatReply": "plugin.engine",
+    "ChatChunk": "plugin.engine",
+    "RequestMetrics": "plugin.engine",
+    "EngineError": "plugin.engine",
+    "Overloaded": "plugin.engine",
+    "NoDeviceAvailable": "plugin.engine",
+    "ExportedModel": "plugin.export",
+    "ExportError": "plugin.export",
+    "resolve_model": "plugin.models",
+    "ResolvedModel": "plugin.models",
+    "ModelSourceError": "plugin.models",
+    "ModelProfile": "plugin.profile",
+    "DeviceInfo": "plugin.devices",
+    "discover_devices": "plugin.devices",
+    "Placement": "plugin.scheduler",
+    "PlacementError": "plugin.scheduler",
+    "place": "plugin.scheduler",
+    "GenerationRequest": "backends.base",
+    "SamplingParams": "backends.base",
+}
+
+__all__ = [
+    "ChatChunk",
+    "ChatReply",
+    "DeviceInfo",
+    "Engine",
+    "EngineError",
+    "ExportError",
+    "ExportedModel",
+    "GenerationRequest",
+    "ModelProfile",
+    "ModelSourceError",
+    "NoDeviceAvailable",
+    "Overloaded",
+    "Placement",
+    "PlacementError",
+    "RequestMetrics",
+    "ResolvedModel",
+    "SamplingParams",
+    "discover_devices",
+    "export",
+    "place",
+    "resolve_model",
+]
+
+if TYPE_CHECKING:
+    from backends.base import GenerationRequest, SamplingParams
+    from plugin.devices import DeviceInfo, discover_devices
+    from plugin.engine import ChatChunk, ChatReply, Engine, EngineError, NoDeviceAvailable, Overloaded, RequestMetrics
+    from plugin.export import ExportedModel, ExportError
+    from plugin.models import ModelSourceError, ResolvedModel, resolve_model
+    from plugin.profile import ModelProfile
+    from plugin.scheduler import Placement, PlacementError, place
+
+
+def __getattr__(name: str) -> Any:
+    if name == "export":  # the subpackage is callable: plugin.export(...) == plugin.export.export(...)
+        return importlib.import_module("plugin.export")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'plugin' has no attribute {name!r}")

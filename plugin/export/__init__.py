@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -303,3 +304,13 @@ def _run_parity(folder: Path, source: Path, precision: str, timer: StepTimer) ->
             f"max logit diff {report.max_logit_diff}. This is an exporter bug for this architecture; please report it."
         )
     return report.to_dict()
+
+
+class _CallableModule(sys.modules[__name__].__class__):
+    """Lets `plugin.export(...)` call `export(...)`: the package and the function share one public name."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ExportedModel:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
