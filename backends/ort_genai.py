@@ -263,9 +263,9 @@ class OrtGenaiBackend:
 
     def capabilities(self) -> BackendCapabilities:
         provider = self.provider
-        on_cpu = provider == "CPUExecutionProvider"
-        # Never call CPU execution an NPU/GPU: only a device declared simulated keeps its kind on the CPU.
-        device = self.device if (self.simulated or not on_cpu) else "cpu"
+        # Report the device the provider really runs on (CPU is never called NPU/GPU, DirectML is a GPU);
+        # only a device declared simulated keeps its kind, and says simulated.
+        device = self.device if self.simulated else self._spec.runs_on
         return BackendCapabilities(
             name=BACKEND_NAME,
             device=device,

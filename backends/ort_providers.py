@@ -28,19 +28,31 @@ class ProviderSpec:
     key: str  # our short name: "qnn", "openvino", ...
     genai_name: str  # what og.Config.append_provider accepts
     ort_name: str  # onnxruntime's provider name, reported as "the provider that runs"
+    runs_on: str  # the device kind this provider really executes on: "npu" | "gpu" | "cpu"
+    manifest_keys: tuple[str, ...]  # the export manifest's "providers" entries on whether it loads there
     options: dict[str, str] = field(default_factory=dict)  # provider options set through og.Config
     genai_flag: str | None = None  # og.is_<x>_available, when the build exposes one
 
 
+# DirectML is in the NPU list as the Windows fallback, but it runs on the default adapter, a GPU: it is
+# reported as "gpu" so a DirectML placement is never called NPU.
 PROVIDERS: dict[str, ProviderSpec] = {
-    "qnn": ProviderSpec("qnn", "QNN", "QNNExecutionProvider", {"backend_type": "htp"}, "is_qnn_available"),
-    "openvino": ProviderSpec(
-        "openvino", "OpenVINO", "OpenVINOExecutionProvider", {"device_type": "NPU"}, "is_openvino_available"
+    "qnn": ProviderSpec(
+        "qnn", "QNN", "QNNExecutionProvider", "npu", ("qnn",), {"backend_type": "htp"}, "is_qnn_available"
     ),
-    "vitisai": ProviderSpec("vitisai", "VitisAI", "VitisAIExecutionProvider"),
-    "dml": ProviderSpec("dml", "DML", "DmlExecutionProvider", {}, "is_dml_available"),
-    "cuda": ProviderSpec("cuda", "cuda", "CUDAExecutionProvider", {}, "is_cuda_available"),
-    "cpu": ProviderSpec("cpu", "cpu", "CPUExecutionProvider"),
+    "openvino": ProviderSpec(
+        "openvino",
+        "OpenVINO",
+        "OpenVINOExecutionProvider",
+        "npu",
+        ("openvino:npu", "openvino"),
+        {"device_type": "NPU"},
+        "is_openvino_available",
+    ),
+    "vitisai": ProviderSpec("vitisai", "VitisAI", "VitisAIExecutionProvider", "npu", ("vitisai",)),
+    "dml": ProviderSpec("dml", "DML", "DmlExecutionProvider", "gpu", ("dml",), {}, "is_dml_available"),
+    "cuda": ProviderSpec("cuda", "cuda", "CUDAExecutionProvider", "gpu", ("cuda",), {}, "is_cuda_available"),
+    "cpu": ProviderSpec("cpu", "cpu", "CPUExecutionProvider", "cpu", ("cpu",)),
 }
 
 PREFERENCE: dict[str, tuple[str, ...]] = {
@@ -111,15 +123,52 @@ def unavailable_reason(spec: ProviderSpec) -> str | None:
     return None
 
 
+def export_support(model_dir: Path) -> dict[str, tuple[bool, str]]:
+    """What the export's manifest.json says about each provider: manifest key (lower case) -> (loads, reason)."""
+    path = model_dir / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8")).get("providers") or {}
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable %s (%s)", path, exc)
+        return {}
+    return {
+        str(k).lower(): (bool(v.get("loads", True)), str(v.get("reason", "")))
+        for k, v in report.items()
+        if isinstance(v, dict)
+    }
+
+
+def export_provider_options(model_dir: Path) -> dict[str, dict[str, str]]:
+    """Provider options the export wrote into genai_config.json, by our provider key."""
+    try:
+        config = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    entries = config.get("model", {}).get("decoder", {}).get("session_options", {}).get("provider_options") or []
+    out: dict[str, dict[str, str]] = {}
+    for entry in entries:
+        for name, options in entry.items() if isinstance(entry, dict) else ():
+            key = _ALIASES.get(str(name).lower())
+            if key is not None and isinstance(options, dict):
+                out[key] = {str(k): str(v) for k, v in options.items()}
+    return out
+
+
 def build_config(model_dir: Path, spec: ProviderSpec, num_threads: int | None = None) -> Any:
-    """An og.Config for `model_dir` that runs on exactly `spec` (plus onnxruntime's CPU fallback for its nodes)."""
+    """An og.Config for `model_dir` that runs on exactly `spec` (plus onnxruntime's CPU fallback for its nodes).
+
+    Options are our defaults for the provider, overridden by what the export itself wrote for it.
+    """
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
     config.clear_providers()
     if spec.key != "cpu":
         config.append_provider(spec.genai_name)
-        for k, v in spec.options.items():
+        options = {**spec.options, **export_provider_options(model_dir).get(spec.key, {})}
+        for k, v in options.items():
             config.set_provider_option(spec.genai_name, k, v)
     if num_threads is not None:
         session = {"intra_op_num_threads": int(num_threads), "inter_op_num_threads": 1}
@@ -144,17 +193,23 @@ def load_with_fallback(
 ) -> LoadResult:
     """Load `model_dir` with the first provider in `candidates` that works.
 
-    Default preference lists skip providers detection rules out; an explicit list is tried as given
-    (the caller asked for it, and a load attempt gives the most precise error).
+    Default preference lists skip providers this machine lacks and providers the export's manifest says
+    it cannot run on; an explicit list is tried as given (the caller asked for it, and a load attempt
+    gives the most precise error).
     """
     if load is None:
         import onnxruntime_genai as og
 
         load = og.Model
     attempts: list[tuple[str, str]] = []
+    support = export_support(model_dir)
     for spec in candidates:
         if not explicit:
             reason = unavailable_reason(spec)
+            key = next((k for k in spec.manifest_keys if k in support), None)
+            loads, why = support[key] if key else (True, "")
+            if reason is None and not loads:
+                reason = f"the export cannot run there ({why or 'per its manifest.json'})"
             if reason is not None:
                 attempts.append((spec.ort_name, f"skipped: {reason}"))
                 log.debug("skip %s: %s", spec.ort_name, reason)

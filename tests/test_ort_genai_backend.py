@@ -115,6 +115,7 @@ def test_default_npu_order_tries_each_provider_for_real(tiny_export: Path, monke
     import backends.ort_providers as providers
 
     monkeypatch.setattr(providers, "unavailable_reason", lambda spec: None)
+    monkeypatch.setattr(providers, "export_support", lambda folder: {})
     b = OrtGenaiBackend(tiny_export, device="npu")
     b.load()
     if b.provider != "CPUExecutionProvider":
@@ -126,6 +127,29 @@ def test_default_npu_order_tries_each_provider_for_real(tiny_export: Path, monke
         "DmlExecutionProvider",
     ]
     assert all(reason.startswith("load failed") for _, reason in b.load_attempts)
+
+
+def test_providers_the_export_cannot_run_on_are_skipped_with_its_reason(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import backends.ort_providers as providers
+
+    monkeypatch.setattr(providers, "unavailable_reason", lambda spec: None)  # as if every provider were installed
+    manifest = json.loads((tiny_export / "manifest.json").read_text())["providers"]
+    b = OrtGenaiBackend(tiny_export, device="npu")
+    b.load()
+    attempts = dict(b.load_attempts)
+    assert not manifest["qnn"]["loads"]
+    assert attempts["QNNExecutionProvider"] == f"skipped: the export cannot run there ({manifest['qnn']['reason']})"
+    assert attempts["DmlExecutionProvider"].startswith("load failed")  # the export can, this build cannot
+    assert b.provider == "CPUExecutionProvider"
+
+
+def test_directml_is_reported_as_gpu() -> None:
+    assert PROVIDERS["dml"].runs_on == "gpu"
+    assert {k for k, s in PROVIDERS.items() if s.runs_on == "npu"} == {"qnn", "openvino", "vitisai"}
 
 
 def test_no_provider_loads_is_a_clear_error(tiny_export: Path) -> None:
