@@ -404,11 +404,8 @@ class Engine:
             finally:
                 loop.call_soon_threadsafe(chunks.put_nowait, _DONE)
 
-        def release(_: object) -> None:
-            loop.call_soon_threadsafe(self._release, slot)
-
         worker = loop.run_in_executor(self._pool, produce)
-        worker.add_done_callback(release)
+        worker.add_done_callback(lambda _: self._release(slot))  # runs on the loop, before any awaiter wakes
         finished = False
         t_first = t_last = None
         try:
@@ -435,6 +432,7 @@ class Engine:
                     t_last = now
                     metrics.new_tokens += len(chunk.token_ids)
                 if chunk.finish_reason is not None:
+                    await worker  # the slot is free before the caller sees the end of its stream
                     finished = True
                     metrics.total_s = now - t_start
                     if t_first is not None and t_last is not None and metrics.new_tokens > 1 and t_last > t_first:
@@ -455,10 +453,17 @@ class Engine:
 
     def _observe(self, placement: Placement, metrics: RequestMetrics) -> None:
         """Feed measured rates back into the cost model the scheduler predicts with."""
+        device = next(d for d in self.devices if d.id == placement.device_id)
+        if device.kind != placement.device:
+            return  # a provider fell back to another kind of silicon: these rates are not this device's
         prefill_tps = metrics.prompt_tokens / metrics.ttft_s if metrics.ttft_s and metrics.prompt_tokens else None
         try:
             self.costs.observe(
-                placement.device_id, self.model.profile, prefill_tps=prefill_tps, decode_tps=metrics.tokens_per_s
+                device,
+                self.model.profile,
+                prefill_tps=prefill_tps,
+                decode_tps=metrics.tokens_per_s,
+                precision=placement.precision,
             )
         except OSError as e:  # a read-only cache must not fail the request that was served
             log.warning("could not persist measured rates: %s", e)

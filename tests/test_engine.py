@@ -224,3 +224,16 @@ def test_engine_is_thread_safe_for_status_during_load(tiny):
     stop.set()
     t.join()
     assert errors == []
+
+
+def test_measured_rates_feed_the_cost_model(tiny):
+    costs = CostModel(path=None)
+    engine, _ = make_engine(
+        tiny, kinds=("cpu", "npu"), backends={"npu": FakeBackend("npu", token_delay_s=0.01)}, cost_model=costs
+    )
+    with engine:
+        reply = engine.chat([{"role": "user", "content": "a b c d e f"}])
+    npu = next(d for d in engine.devices if d.id == "npu:0")
+    rates = costs.rates(npu, tiny.profile, reply.placement.precision)
+    assert rates.decode_samples == 1 and rates.prefill_samples == 1
+    assert rates.decode_tps == pytest.approx(reply.metrics.tokens_per_s)
