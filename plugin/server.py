@@ -149,12 +149,12 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None) -> FastAP
         return engines[name]
 
     @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
+    async def chat_completions(body: ChatCompletionBody) -> Response:
         engine = engine_for(body.model)
         return await _generate(engine, body, body.to_request(), "chat", metrics)
 
     @app.post("/v1/completions", dependencies=guarded)
-    async def completions(body: CompletionBody, request: Request) -> Response:
+    async def completions(body: CompletionBody) -> Response:
         engine = engine_for(body.model)
         return await _generate(engine, body, body.to_request(), "completion", metrics)
 
