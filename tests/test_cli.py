@@ -1,0 +1,65 @@
+"""The `accelserve` command line, end to end on a tiny model through the real engine and backends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from plugin.cli import main
+
+
+def test_devices_json_lists_cpu_and_simulated(capsys, monkeypatch):
+    monkeypatch.setenv("ACCELSERVE_SIMULATE", "gpu:24GB,npu:8GB")
+    assert main(["devices", "--json"]) == 0
+    devices = json.loads(capsys.readouterr().out)
+    kinds = {d["kind"]: d for d in devices}
+    assert set(kinds) == {"cpu", "gpu", "npu"}
+    assert kinds["cpu"]["simulated"] is False
+    assert kinds["gpu"]["simulated"] is True and kinds["npu"]["simulated"] is True
+    for d in devices:
+        assert {"kind", "name", "memory_bytes", "backends", "providers", "simulated"} <= set(d)
+
+
+def test_malformed_simulation_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setenv("ACCELSERVE_SIMULATE", "tpu:8GB")
+    assert main(["devices"]) == 2
+    err = capsys.readouterr().err
+    assert "tpu" in err and "Traceback" not in err
+
+
+def test_generate_json_on_simulated_npu(tiny_llama, accelserve_home, capsys, monkeypatch):
+    """Tiny model: auto places it on the simulated NPU, which runs onnxruntime-genai on the CPU and says so."""
+    monkeypatch.setenv("ACCELSERVE_SIMULATE", "npu:8GB")
+    code = main(["-q", "generate", str(tiny_llama), "--prompt", "Hello", "--max-new-tokens", "5", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    p = out["placement"]
+    assert p["device"] == "npu" and p["simulated"] is True
+    assert p["backend"] == "onnxruntime-genai" and p["provider"] == "CPUExecutionProvider"
+    assert p["reason"]
+    assert out["metrics"]["new_tokens"] >= 1
+    assert isinstance(out["text"], str)
+
+
+def test_generate_pinned_absent_device_fails_clearly(tiny_llama, accelserve_home, capsys, monkeypatch):
+    monkeypatch.delenv("ACCELSERVE_SIMULATE", raising=False)
+    code = main(["generate", str(tiny_llama), "--prompt", "Hi", "--device", "gpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "gpu" in err.lower() and "ACCELSERVE_SIMULATE" in err
+
+
+def test_generate_missing_model_fails_clearly(tmp_path, accelserve_home, capsys):
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "Hi"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_default_model_answers_paris(capsys, monkeypatch):
+    monkeypatch.setenv("ACCELSERVE_SIMULATE", "gpu:24GB,npu:8GB")
+    assert main(["-q", "generate", "default", "--prompt", "What is the capital of France?", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "Paris" in out["text"]
+    assert out["placement"]["device"] == "npu" and out["placement"]["simulated"] is True
+    assert out["placement"]["provider"] == "CPUExecutionProvider"
