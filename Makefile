@@ -19,7 +19,6 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/accelserve prepare default
 	$(VENV)/bin/accelserve chat --model default
 
 test: install
