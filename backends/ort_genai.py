@@ -200,9 +200,13 @@ class OrtGenaiBackend:
         config = read_genai_config(self.model_dir)
         import onnxruntime_genai as og
 
-        result = load_with_fallback(
-            self.model_dir, self._candidates, explicit=self._explicit_providers, num_threads=self.num_threads
-        )
+        try:
+            result = load_with_fallback(
+                self.model_dir, self._candidates, explicit=self._explicit_providers, num_threads=self.num_threads
+            )
+        except BackendError as exc:
+            self.load_attempts = list(getattr(exc, "attempts", []))
+            raise
         try:
             tokenizer = og.Tokenizer(result.model)
             chat_tokenizer = og.Tokenizer(result.model)

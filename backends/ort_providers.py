@@ -226,7 +226,9 @@ def load_with_fallback(
             )
         return LoadResult(model, spec, attempts)
     tried = "; ".join(f"{p}: {e}" for p, e in attempts) or "no providers to try"
-    raise BackendError(
+    error = BackendError(
         f"Could not load {model_dir} with any execution provider ({tried}). "
         "Fix: include 'cpu' in providers, or install the onnxruntime build for your accelerator."
     )
+    error.attempts = attempts  # type: ignore[attr-defined]
+    raise error

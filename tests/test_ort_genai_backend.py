@@ -156,6 +156,8 @@ def test_no_provider_loads_is_a_clear_error(tiny_export: Path) -> None:
     b = OrtGenaiBackend(tiny_export, device="gpu", providers=["cuda"])
     with pytest.raises(BackendError, match=r"CUDAExecutionProvider.*Fix: include 'cpu'"):
         b.load()
+    assert [p for p, _ in b.load_attempts] == ["CUDAExecutionProvider"]
+    assert not b.health().healthy
 
 
 def test_provider_names_and_bad_arguments(tiny_export: Path) -> None:
