@@ -138,7 +138,7 @@ def run_parity(folder: Path, source: Path, precision: str) -> ParityReport:
 
     torch_seqs, torch_logits = _torch_side(source, prompt_ids)
     for ids, seq in zip(prompt_ids, torch_seqs, strict=True):
-        og_seq = _og_generate(og_model, ids, len(ids) + NEW_TOKENS)
+        og_seq = [int(t) for t in _og_generate(og_model, ids, len(ids) + NEW_TOKENS)]
         report.generation_match.append(og_seq == seq)
         if og_seq != seq:
             log.info("generation differs: torch %s vs onnxruntime-genai %s", seq[len(ids) :], og_seq[len(ids) :])
