@@ -8,12 +8,13 @@ from pathlib import Path
 
 import onnx
 import pytest
-from tiny_models import build_tokenizer
 
 import plugin.export.optimum_step as optimum_step
 from plugin.export import SUPPORTED_ARCHITECTURES, ExportError, export, provider_options_for, verify_export
 from plugin.export.genai_config import read_graph_io
 from plugin.export.parity import PROMPTS
+
+from tiny_models import build_tokenizer
 
 ARCHS = ("llama", "qwen2", "mistral", "phi3", "gpt2")
 
