@@ -5,27 +5,32 @@ driven by the caller's thread (onnxruntime sessions are thread-safe for Run, and
 releases the GIL while it computes). Requests beyond that wait for a slot and can be cancelled while they
 wait.
 
-Why per-request generators and not og.Engine or batched GeneratorParams (measured on this project's
-2-core CPU machine, SmolLM2-135M exported by the plain Optimum path, greedy, decode tokens/s; the machine
-was shared with other work, so +-10%):
+Why per-request generators and not og.Engine or batched GeneratorParams. Measured on this project's
+2-core CPU machine (shared with other work, so +-10%), SmolLM2-135M-Instruct, greedy, 128 new tokens.
 
-    int4 (MatMulNBits)        1 stream   4 streams (aggregate)
-    per-request Generators      ~113       ~73-107 (intra-op threads default / 1)
-    og.Engine                   ~112       ~221
-    batched GeneratorParams     ~104       ~221
-    fp32: Generators 52 / 49, Engine 53 / 124, batched 53 / 123.
+`python benchmarks/bench_ort_overhead.py --compare-engine` on the default npu/int4 export (aggregate
+tokens/s over all streams, prefill included):
 
-og.Engine and batched GeneratorParams batch the decode step and reach twice the aggregate throughput,
-but on this graph both give WRONG text for every request shorter than the longest one in the batch:
-onnxruntime-genai 0.18 feeds left padding as real tokens (attention_mask all ones; checked with its
-input logging), so a padded request attends to pad tokens and its first token already differs from its
-sequential greedy output. The Engine also refuses per-turn seeds and stop strings unless the model has
-a paged KV cache ("requires an Engine configured for dynamic batching"), which the plain Optimum export
-has not. Correct output and per-request seeds win over throughput, so requests run on their own
-generators; the cost is that 4 streams share the cores instead of a batched step. Revisit when the
-export gains a paged-attention graph (then og.Engine's dynamic batching applies).
+    strategy                    1 stream   4 streams   4 streams' text == sequential greedy
+    per-request Generators         97          95       yes (tested)
+    og.Engine                      96          89       1 of 4 (one request failed in onnxruntime)
 
-Overhead over a bare `og.Generator` loop on the same model is measured by benchmarks/bench_ort_overhead.py.
+An earlier hand-made int4 export of the same model (decode only): Generators 113 / 73-107 (4 streams,
+default / 1 intra-op thread), og.Engine 112 / 221, batched GeneratorParams 104 / 221.
+
+Batching the decode step can double aggregate throughput, but on the plain Optimum graph both og.Engine
+and batched GeneratorParams give WRONG text for requests shorter than the longest in the batch:
+onnxruntime-genai 0.18 feeds left padding as real tokens (attention_mask all ones, seen with its input
+logging), so a padded request attends to pad tokens and its first token already differs; og.Engine also
+fails some requests with a present-KV shape mismatch. It refuses per-turn seeds and stop strings too
+unless the model has a paged KV cache ("requires an Engine configured for dynamic batching"). Correct
+text and per-request seeds win, so each request runs on its own generator: four streams share the cores
+(aggregate ~ one stream) instead of sharing a batched step. Revisit with a paged-attention export.
+
+Overhead over a bare `og.Generator` streaming loop on the same model (benchmarks/bench_ort_overhead.py,
+11 alternating pairs, default export): decode 99.7 vs 100.2 tokens/s, +0.5% (ratio of medians), +0.1%
+(median of pairs); the per-token Python cost is ~3 us (2.6% of a 0.1 ms tiny-model token). Creating an
+og.Generator costs ~25 ms per request here, in the bare loop as well (part of time to first token).
 """
 
 from __future__ import annotations

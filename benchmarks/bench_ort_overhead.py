@@ -121,8 +121,8 @@ def aggregate(backend: OrtGenaiBackend, streams: int, max_new: int) -> float:
     return sum(counts) / (time.perf_counter() - start)
 
 
-def engine_run(backend: OrtGenaiBackend, prompts: list[list[int]], max_new: int) -> tuple[float, list[list[int]]]:
-    """og.Engine with all prompts submitted at once: aggregate tokens/s and each request's tokens."""
+def engine_run(backend: OrtGenaiBackend, prompts: list[list[int]], max_new: int) -> tuple[float, list[list[int]], int]:
+    """og.Engine with all prompts submitted at once: aggregate tokens/s, each request's tokens, failed requests."""
     import onnxruntime_genai as og
 
     engine = og.Engine(backend._model)
@@ -136,16 +136,19 @@ def engine_run(backend: OrtGenaiBackend, prompts: list[list[int]], max_new: int)
         request.begin_turn(ids, options)
         requests.append(request)
     outputs: list[list[int]] = [[] for _ in prompts]
+    failed = 0
     start = time.perf_counter()
     while engine.has_pending_requests():
         for event in engine.run(buffer):
             i = next(k for k, r in enumerate(requests) if r is event.request)
             if event.flags.value & og.EngineEventFlags.TOKEN.value and int(event.token) not in backend._eos_ids:
                 outputs[i].append(int(event.token))
+            if event.flags.value & og.EngineEventFlags.FAILED.value:
+                failed += 1
     elapsed = time.perf_counter() - start
     for request in requests:
         request.close()
-    return sum(map(len, outputs)) / elapsed, outputs
+    return sum(map(len, outputs)) / elapsed, outputs, failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,19 +209,15 @@ def main(argv: list[str] | None = None) -> int:
                 progress.advance(conc_task)
             concurrency["backend (per-request generators)"][str(streams)] = statistics.median(runs)
         if args.compare_engine:
-            prompt_ids = [backend.encode(GenerationRequest(prompt=p)) for p in CONCURRENT_PROMPTS]
-            sequential = [
-                ours(backend, GenerationRequest(prompt=p, sampling=SamplingParams(max_new_tokens=args.max_new_tokens)))[
-                    1
-                ]
-                for p in CONCURRENT_PROMPTS
-            ]
+            prompt_ids = [backend.encode(chat(p, args.max_new_tokens)) for p in CONCURRENT_PROMPTS]
+            sequential = [ours(backend, chat(p, args.max_new_tokens))[1] for p in CONCURRENT_PROMPTS]
             one = statistics.median(engine_run(backend, prompt_ids[:1], args.max_new_tokens)[0] for _ in range(2))
-            four_rate, four_out = engine_run(backend, prompt_ids, args.max_new_tokens)
+            four_rate, four_out, four_failed = engine_run(backend, prompt_ids, args.max_new_tokens)
             concurrency["og.Engine"] = {
                 "1": one,
                 "4": four_rate,
                 "streams_equal_sequential_greedy": [a == b for a, b in zip(four_out, sequential, strict=True)],
+                "failed_requests": four_failed,
             }
 
     bare_med, our_med = statistics.median(bare_rates), statistics.median(our_rates)
@@ -244,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in concurrency.items():
         note = ""
         if "streams_equal_sequential_greedy" in row:
-            note = f"streams == sequential greedy: {row['streams_equal_sequential_greedy']}"
+            note = (
+                f"streams == sequential greedy: {row['streams_equal_sequential_greedy']}; "
+                f"failed: {row['failed_requests']}"
+            )
         conc_table.add_row(name, f"{row['1']:.1f}", f"{row['4']:.1f}", note)
     console.print(conc_table)
 
