@@ -63,3 +63,14 @@ def test_generate_default_model_answers_paris(capsys, monkeypatch):
     assert "Paris" in out["text"]
     assert out["placement"]["device"] == "npu" and out["placement"]["simulated"] is True
     assert out["placement"]["provider"] == "CPUExecutionProvider"
+
+
+def test_generate_pinned_simulated_gpu_runs_torch_on_cpu(tiny_llama, accelserve_home, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELSERVE_SIMULATE", "gpu:24GB,npu:8GB")
+    code = main(
+        ["-q", "generate", str(tiny_llama), "--prompt", "Hello", "--max-new-tokens", "4", "--device", "gpu", "--json"]
+    )
+    assert code == 0
+    p = json.loads(capsys.readouterr().out)["placement"]
+    assert p["device"] == "gpu" and p["simulated"] is True
+    assert p["backend"] == "torch" and p["provider"] == "cpu"
