@@ -204,6 +204,29 @@ def test_greedy_equals_torch_generate(backend: OrtGenaiBackend, tiny_llama: Path
         assert chunks[-1].finish_reason == ("length" if len(ids) == 24 else "stop")
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "phi3", "gpt2"])
+def test_greedy_equals_torch_for_other_architectures(
+    arch: str, tiny_model_factory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from plugin.export import export
+
+    source = tiny_model_factory(arch)
+    folder = export(str(source), target="cpu", precision="fp32", home=tmp_path_factory.mktemp("home"), progress=False)
+    b = OrtGenaiBackend(folder.path, device="cpu")
+    b.load()
+    request = GenerationRequest(messages=MESSAGES, sampling=SamplingParams(max_new_tokens=16))
+    prompt_ids = b.encode(request)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False)[0, len(prompt_ids) :]
+    ids = run(b, request)[1]
+    assert ids == [t for t in expected.tolist() if t != model.generation_config.eos_token_id][: len(ids)]
+    assert len(ids) == 16 or run(b, request)[2][-1].finish_reason == "stop"
+
+
 def test_streamed_text_equals_full_decode(backend: OrtGenaiBackend, hf_tokenizer) -> None:
     for i, prompt in enumerate(PROMPTS):
         request = GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=32, temperature=1.0, seed=i))
