@@ -344,3 +344,8 @@ def test_device_identity_ignores_details():
     a = DeviceInfo("npu", "x", 1, (), (), details={"a": 1})
     b = DeviceInfo("npu", "x", 1, (), (), details={"a": 2})
     assert a == b and a.id == "npu:0"
+
+
+def test_devices_are_hashable_for_use_as_keys():
+    gpu, npu = parse_simulation("gpu:8GB,npu:8GB")
+    assert len({gpu, npu, gpu}) == 2
