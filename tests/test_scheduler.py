@@ -7,7 +7,6 @@ import threading
 from dataclasses import replace
 
 import pytest
-from tiny_models import TINY_CONFIGS
 from transformers import LlamaConfig
 
 from plugin.costmodel import CostModel, device_profile, prior_rates
@@ -21,6 +20,8 @@ from plugin.scheduler import (
     PlacementRequest,
     place,
 )
+
+from tiny_models import TINY_CONFIGS
 
 GB = 10**9
 
