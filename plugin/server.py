@@ -12,6 +12,7 @@ the caller explicitly opts out, which is logged as a warning.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -19,8 +20,8 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +42,7 @@ from plugin.server_schema import (
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "ACCELSERVE_API_KEY"
+T = TypeVar("T")
 
 
 class APIError(Exception):
@@ -149,14 +151,14 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None) -> FastAP
         return engines[name]
 
     @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat_completions(body: ChatCompletionBody) -> Response:
+    async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
         engine = engine_for(body.model)
-        return await _generate(engine, body, body.to_request(), "chat", metrics)
+        return await _generate(engine, body, body.to_request(), "chat", metrics, request)
 
     @app.post("/v1/completions", dependencies=guarded)
-    async def completions(body: CompletionBody) -> Response:
+    async def completions(body: CompletionBody, request: Request) -> Response:
         engine = engine_for(body.model)
-        return await _generate(engine, body, body.to_request(), "completion", metrics)
+        return await _generate(engine, body, body.to_request(), "completion", metrics, request)
 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict[str, Any]:
@@ -225,8 +227,10 @@ async def _generate(
     request: GenerationRequest,
     kind: str,
     metrics: ServerMetrics,
+    http: Request,
 ) -> Response:
-    """Run one request; the first chunk is awaited before any response is sent, so errors get real statuses."""
+    """Run one request; the first chunk is awaited before any response is sent, so errors get real statuses.
+    A client that leaves before its reply is complete cancels the generation (streamed or not)."""
     model = body.model
     t0 = time.perf_counter()
     shape = ResponseShape(kind, model, request.request_id)  # type: ignore[arg-type]
@@ -234,18 +238,18 @@ async def _generate(
     metrics.in_flight.labels(model=model).inc()
     stream = engine.astream(request, policy=body.accelserve_policy)
     try:
-        first = await anext(stream)
-    except StopAsyncIteration:
-        first = None
+        first = await _unless_client_leaves(http, anext(stream, None))
     except BaseException as e:
         await stream.aclose()
         metrics.in_flight.labels(model=model).dec()
-        err = api_error_from(e)
+        status = CLIENT_CLOSED if isinstance(e, _ClientGone) else api_error_from(e).status
         metrics.observe_request(
-            model=model, device="none", status=err.status, endpoint=endpoint, duration_s=time.perf_counter() - t0
+            model=model, device="none", status=status, endpoint=endpoint, duration_s=time.perf_counter() - t0
         )
+        if isinstance(e, _ClientGone):
+            return Response(status_code=int(CLIENT_CLOSED))  # nobody reads it
         if isinstance(e, Exception):
-            raise err from e
+            raise api_error_from(e) from e
         raise
     if first is None:
         metrics.in_flight.labels(model=model).dec()
@@ -261,12 +265,19 @@ async def _generate(
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
-    try:
-        parts = [first.text]
-        last = first
+
+    async def rest() -> tuple[list[str], ChatChunk]:
+        parts, last = [first.text], first
         while last.finish_reason is None:
             last = await anext(stream)
             parts.append(last.text)
+        return parts, last
+
+    try:
+        parts, last = await _unless_client_leaves(http, rest())
+    except _ClientGone:
+        done(CLIENT_CLOSED, None)
+        return Response(status_code=int(CLIENT_CLOSED))
     except StopAsyncIteration:
         done(500, None)
         raise APIError(
@@ -289,6 +300,31 @@ async def _generate(
         raise err
     done(200, last)
     return JSONResponse(shape.full("".join(parts), last), headers=headers)
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected before its reply was ready."""
+
+
+_DISCONNECT_POLL_S = 0.25
+
+
+async def _unless_client_leaves(http: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but cancel it (which cancels the engine request and frees its queue place or slot) as soon
+    as the client disconnects. Needed where no response is being sent yet: while queued, and for non-streamed
+    replies; a started stream notices the disconnect on its own."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            finished, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if finished:
+                return task.result()
+            if await http.is_disconnected():
+                raise _ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 class _Finisher:

@@ -15,7 +15,6 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from fakes import FakeBackend, device
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.base import ContextOverflowError, GenerationRequest, TokenChunk
@@ -23,6 +22,8 @@ from plugin.costmodel import CostModel
 from plugin.engine import Engine
 from plugin.models import resolve_model
 from plugin.server import check_bind, create_app, is_loopback
+
+from fakes import FakeBackend, device
 
 KEY = "test-key-123"
 
@@ -504,3 +505,35 @@ def test_real_engine_on_cpu_end_to_end(tiny_llama, accelserve_home):
         body = {"model": "tiny-real", "messages": [{"role": "user", "content": "hi " * 3000}], "max_tokens": 8}
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
         assert_error(r, 413, "invalid_request_error", "context length")
+
+
+def _npu(engine: Engine) -> dict:
+    return next(s for s in engine.status() if s["device_id"] == "npu:0")
+
+
+def _wait(condition, seconds: float = 5.0) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_client_leaving_a_non_streamed_or_queued_request_cancels_it(stack):
+    """Without a stream the server polls for the disconnect: a client that gives up frees the slot and the line."""
+    slow, backend = stack.engines["slow"], stack.backends["slow"]["npu"]
+    body = {"model": "slow", "messages": [{"role": "user", "content": "long"}], "max_tokens": 400}
+    served_before = len(backend.served)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # two impatient clients: one gets the only slot, the other waits in line; both time out after 1 s
+        calls = [pool.submit(stack.post, "/v1/chat/completions", body, timeout=1.0) for _ in range(2)]
+        assert _wait(lambda: _npu(slow)["active"] == 1 and _npu(slow)["waiting"] == 1)
+        for call in calls:
+            with pytest.raises(httpx.ReadTimeout):
+                call.result()
+    assert _wait(lambda: _npu(slow)["active"] == 0 and _npu(slow)["waiting"] == 0), slow.status()
+    running_id = backend.served[served_before]
+    assert running_id in backend.cancelled, "the running request was not cancelled"
+    # the queued one never reached the backend, or was cancelled at once if it got the slot as the first left
+    assert all(rid in backend.cancelled for rid in backend.served[served_before:])
