@@ -31,7 +31,7 @@ from plugin.costmodel import CostModel
 from plugin.devices import DeviceInfo, discover_devices
 from plugin.health import HealthTracker
 from plugin.models import ResolvedModel, resolve_model
-from plugin.scheduler import DeviceLoad, Placement, PlacementError, PlacementRequest, place
+from plugin.scheduler import MEMORY_FRACTION, DeviceLoad, Placement, PlacementError, PlacementRequest, place
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +123,11 @@ class Engine:
         cost_model: CostModel | None = None,
         health: HealthTracker | None = None,
         max_queue: int = 32,
-        memory_fraction: float = 0.8,
     ) -> None:
         self.model = model
         self.policy = policy
         self.devices: list[DeviceInfo] = list(devices) if devices is not None else discover_devices()
         self.max_queue = max_queue
-        self.memory_fraction = memory_fraction
         self.health = health or HealthTracker()
         self.costs = cost_model if cost_model is not None else CostModel.load_default()
         if backend_factory is None:
@@ -503,7 +501,7 @@ class Engine:
 
     async def _make_room(self, device: DeviceInfo, needed: int) -> None:
         """Unload idle backends on this device, least recently used first, until `needed` bytes fit."""
-        budget = int(device.memory_bytes * self.memory_fraction)
+        budget = int(device.memory_bytes * MEMORY_FRACTION[device.kind])  # the scheduler's budget for this kind
         on_device = sorted((s for s in self._slots.values() if s.device.id == device.id), key=lambda s: s.last_used)
         used = sum(s.weight_bytes for s in on_device)
         for slot in on_device:
