@@ -106,3 +106,7 @@ def test_hf_and_onnxruntime_genai_tokenizers_agree(converted, tmp_path: Path):
         assert og_ids == hf_ids, text
         assert -1 not in og_ids
         assert hf.decode(hf_ids) == text
+    # onnxruntime-genai renders the same ChatML prompt from tokenizer_config.json's template
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    og_prompt = og_tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+    assert og_prompt == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
