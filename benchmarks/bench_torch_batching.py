@@ -64,6 +64,8 @@ class _TimingStreamer(BaseStreamer):
         if not self._seen_prompt:
             self._seen_prompt = True
             return
+        if value.is_cuda:  # the token exists only once the GPU has produced it
+            torch.cuda.synchronize(value.device)
         self.times.append(time.perf_counter())
 
     def end(self) -> None:

@@ -89,7 +89,7 @@ def test_is_a_backend(make_backend):
     assert isinstance(make_backend(), Backend)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mistral", "phi3"])
 def test_batched_greedy_equals_sequential_and_hf_generate(make_backend, arch):
     backend = make_backend(arch)
     sequential = [ids_of(collect(backend.generate(GenerationRequest(prompt=p, sampling=GREEDY)))) for p in PROMPTS]
