@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakes import FakeBackend, device
 
 from plugin.costmodel import CostModel
 from plugin.engine import Engine
 from plugin.models import resolve_model
+
+from fakes import FakeBackend, device
 
 CHROMIUM = os.environ.get("ACCELSERVE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
