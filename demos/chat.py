@@ -124,7 +124,7 @@ class ChatSession:
 
 def build_app(engine: Engine) -> gr.Blocks:
     session = ChatSession(engine)
-    title = f"accelserve · {engine.model.ref} ({engine.model.profile.num_parameters / 1e6:.0f}M params)"
+    title = f"accelserve · {engine.model.ref} ({engine.model.profile.size_label} params)"
     with gr.Blocks(title="accelserve chat") as app:
         gr.Markdown(f"## {title}")
         with gr.Row():

@@ -51,7 +51,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     with Engine.from_pretrained(args.model, policy=args.policy) as engine:
         model = engine.model
-        console.print(f"model ready: {model.ref} -> {model.path} ({model.profile.num_parameters / 1e6:.0f}M params)")
+        console.print(f"model ready: {model.ref} -> {model.path} ({model.profile.size_label} params)")
         placement = engine.preload()
         console.print(
             f"backend ready: {placement.device_id} {placement.backend} {placement.precision} via {placement.provider}"

@@ -94,6 +94,7 @@ class _Slot:
     device: DeviceInfo
     provider: str
     device_kind: str  # what really runs it: may differ from the placement when a provider fell back
+    precision: str  # what the backend really holds
     simulated: bool
     capacity: int
     weight_bytes: int
@@ -364,6 +365,7 @@ class Engine:
             placement,
             device=slot.device_kind,
             provider=slot.provider,
+            precision=slot.precision,
             simulated=slot.simulated,
             reason=reason,
             fallback_from=tuple(tried),
@@ -486,6 +488,7 @@ class Engine:
                 device=device,
                 provider=caps.provider,
                 device_kind=caps.device,
+                precision=caps.precision,
                 simulated=caps.simulated,
                 capacity=max(1, caps.max_batch_size),
                 weight_bytes=weight_bytes,

@@ -57,6 +57,12 @@ class ModelProfile:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def size_label(self) -> str:
+        """Parameter count for people: '135M', '7.0B', '99K'."""
+        n = self.num_parameters
+        return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
 
 def _first(config: Any, *names: str, default: Any = None) -> Any:
     for n in names:

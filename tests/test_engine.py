@@ -237,3 +237,19 @@ def test_measured_rates_feed_the_cost_model(tiny):
     rates = costs.rates(npu, tiny.profile, reply.placement.precision)
     assert rates.decode_samples == 1 and rates.prefill_samples == 1
     assert rates.decode_tps == pytest.approx(reply.metrics.tokens_per_s)
+
+
+def test_placement_reports_what_the_backend_really_holds(tiny):
+    """The scheduler plans int4 for the NPU; a backend that loaded fp32 must be reported as fp32."""
+    engine, _ = make_engine(tiny)
+    with engine:
+        planned = engine.predict(engine_request("x"))
+        served = engine.chat([{"role": "user", "content": "x"}]).placement
+    assert planned.precision == "int4"
+    assert served.precision == "fp32"  # FakeBackend.capabilities() says fp32
+
+
+def engine_request(text: str):
+    from backends.base import GenerationRequest
+
+    return GenerationRequest(messages=[{"role": "user", "content": text}])
