@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from tiny_models import build_tokenizer
 
 from backends.textstream import IncrementalDetokenizer, StopStringMatcher
+
+from tiny_models import build_tokenizer
 
 
 def run_matcher(stops, pieces):
