@@ -50,7 +50,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "mistral", "phi3",
 """HF `model_type`s exported and checked end to end (Optimum graph -> onnxruntime-genai decoder)."""
 
 _VERSIONED = ("optimum", "optimum-onnx", "onnxruntime", "onnxruntime-genai", "transformers", "torch", "onnx")
-EXPORT_FORMAT = 1  # bump when this package changes what it writes for the same inputs
+EXPORT_FORMAT = 2  # bump when this package changes what it writes for the same inputs
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,7 @@ def _build(
     block_size: int,
     symmetric: bool,
     timer: StepTimer,
+    graph: str = "plain",
 ) -> dict[str, Any]:
     """Fill `tmp` with a complete export (minus manifest); return manifest fields it learned."""
     from plugin.export.genai_config import write_genai_config
@@ -150,6 +151,17 @@ def _build(
     from plugin.export.quantize import convert_precision
     from plugin.export.tokenizer_files import copy_tokenizer
 
+    # --- fused graph (fused.py); on any reason it cannot be built, the plain Optimum graph below ---
+    fallback_reason = None
+    if graph == "fused":
+        from plugin.export.fused import try_build_fused
+
+        learned, fallback_reason = try_build_fused(
+            source, tmp, target, precision, block_size, symmetric, timer, _config_provider_options
+        )
+        if learned is not None:
+            return learned
+    # --- plain graph ---
     work = tmp / ".work"
     with timer.step("optimum_export", "Optimum ONNX export (fp32)"):
         fp32 = optimum_export(source, work)
@@ -168,7 +180,9 @@ def _build(
         copy_tokenizer(source, tmp)
         options, provider = _config_provider_options(target, precision)
         write_genai_config(tmp, source, MODEL_FILE, options)
-    return {"quantization": {"method": quant.method, **quant.details}, "config_provider": provider}
+    graph_record = {"requested": graph, "built": "plain", "fallback_reason": fallback_reason}
+    quantization = {"method": quant.method, **quant.details}
+    return {"quantization": quantization, "config_provider": provider, "graph": graph_record}
 
 
 def _check_output(output: Path, key: str, force: bool) -> bool:
@@ -213,14 +227,20 @@ def export(
     parity: bool = True,
     home: Path | None = None,
     progress: bool = True,
+    graph: str = "auto",
 ) -> ExportedModel:
     """Export `model_ref` for onnxruntime-genai on `target` at `precision`, through the cache.
 
     The same inputs again are a cache hit (the folder is verified against its manifest, in seconds); a
     cache folder that fails verification is rebuilt with a warning. With `output`, the verified cache
     folder is copied there and `path` points at it. Raises ExportError with a user-ready message.
+    `graph`: "fused" (ORT contrib-op graph, fused.py), "plain" (Optimum graph + MatMulNBits) or "auto"
+    (fused for int4/fp32 on cpu/npu; architectures it cannot take fall back to plain, reason logged).
     """
+    from plugin.export.fused import graph_key_options, resolve_graph
+
     check_target(target, precision)
+    graph = resolve_graph(graph, target, precision)
     home_dir = _home(home)
     source, name, ref = _resolve(model_ref, home_dir)
     arch = check_architecture(_read_hf_config(source), source)
@@ -233,6 +253,7 @@ def export(
     with timer.step("hash_source", "hashing source checkpoint"):
         source_hash = cache.hash_source(source, memo=root / cache.HASH_MEMO)
     options = {"block_size": block_size, "symmetric": symmetric} if precision in ("int4", "int8") else {}
+    options.update(graph_key_options(graph, precision))
     versions = _versions()
     key = cache.compute_key(name, target, precision, source_hash, options, versions)
     final = root / key
@@ -252,7 +273,7 @@ def export(
         if not cache_hit:
             tmp = cache.new_tmp_dir(root, key)
             try:
-                learned = _build(source, tmp, target, precision, block_size, symmetric, timer)
+                learned = _build(source, tmp, target, precision, block_size, symmetric, timer, graph)
                 parity_report = None
                 if parity:
                     parity_report = _run_parity(tmp, source, precision, timer)
