@@ -1,0 +1,1 @@
+"""Benchmark scripts: `accelserve bench backends|scheduler` runs them as modules (`python -m benchmarks.<name>`)."""
