@@ -21,6 +21,7 @@ ARCHS = ("llama", "qwen2", "mistral", "phi3", "gpt2")
 
 def _export(src: Path, home: Path, **kw):
     kw.setdefault("progress", False)
+    kw.setdefault("graph", "plain")  # these tests check the Optimum graph; the fused one: test_export_fused.py
     return export(src, home=home, **kw)
 
 

@@ -26,7 +26,7 @@ def _die_mid_export(src: str, home: str) -> None:
         os._exit(9)
 
     quantize.convert_precision = killed
-    export(src, target="npu", precision="int4", parity=False, progress=False, home=Path(home))
+    export(src, target="npu", precision="int4", parity=False, progress=False, home=Path(home), graph="plain")
 
 
 def test_two_processes_exporting_one_key(tiny_llama, accelserve_home):
@@ -59,6 +59,8 @@ def test_killed_export_leaves_nothing_finished(tiny_llama, accelserve_home):
     assert [p.name for p in exports.iterdir() if not p.name.startswith(".")] == []
     assert list(exports.rglob("manifest.json")) == []
     # the next export of the same key cleans up and succeeds
-    done = export(tiny_llama, target="npu", precision="int4", parity=False, progress=False, home=accelserve_home)
+    done = export(
+        tiny_llama, target="npu", precision="int4", parity=False, progress=False, home=accelserve_home, graph="plain"
+    )
     assert not done.cache_hit and verify_export(done.path) == []
     assert list(exports.glob(".tmp-*")) == []
