@@ -29,10 +29,12 @@ CUDA and it fails on the CPU, so this loop is used on both devices; it is the on
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +47,16 @@ from backends.textstream import IncrementalDetokenizer, StopStringMatcher
 from backends.torch_sampling import choose_token, make_generator, needs_processing
 
 log = logging.getLogger(__name__)
+
+_LIVE_RUNNERS: weakref.WeakSet[BatchRunner] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_runners() -> None:
+    """Join scheduler threads before the interpreter tears torch down under them."""
+    for runner in list(_LIVE_RUNNERS):
+        runner.stop("the process is exiting")
+
 
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
 if hasattr(torch, "OutOfMemoryError"):
@@ -120,6 +132,7 @@ class BatchRunner:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="torch-batch-scheduler", daemon=True)
         self._thread.start()
+        _LIVE_RUNNERS.add(self)
 
     @property
     def alive(self) -> bool:
@@ -157,6 +170,7 @@ class BatchRunner:
         for w in leftover:
             self._finish(w, "", "error", error=reason)
         self.rows, self.cache, self.mask, self.pads = [], None, None, []
+        _LIVE_RUNNERS.discard(self)
 
     # ---- scheduler thread ---------------------------------------------------------------------------
     def _run(self) -> None:
