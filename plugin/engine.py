@@ -200,10 +200,11 @@ class Engine:
         """Stream any GenerationRequest from the caller's event loop."""
         caller = asyncio.get_running_loop()
         q: asyncio.Queue[Any] = asyncio.Queue()
+        preq = await asyncio.to_thread(self._placement_request, request)
 
         async def pump() -> None:
             try:
-                async for chunk in self._stream(request, policy or self.policy):
+                async for chunk in self._stream(request, preq, policy or self.policy):
                     caller.call_soon_threadsafe(q.put_nowait, chunk)
             except BaseException as e:
                 caller.call_soon_threadsafe(q.put_nowait, e)
@@ -281,10 +282,11 @@ class Engine:
 
     def _sync_stream(self, request: GenerationRequest, policy: str) -> Iterator[ChatChunk]:
         q: queue.Queue[Any] = queue.Queue()
+        preq = self._placement_request(request)  # tokenizing happens here, never on the engine loop
 
         async def pump() -> None:
             try:
-                async for chunk in self._stream(request, policy):
+                async for chunk in self._stream(request, preq, policy):
                     q.put(chunk)
             except BaseException as e:
                 q.put(e)
@@ -301,8 +303,9 @@ class Engine:
             fut.cancel()
 
     # ---- core (runs on the engine loop) -----------------------------------------------------------
-    async def _stream(self, request: GenerationRequest, policy: str) -> AsyncIterator[ChatChunk]:
-        preq = self._placement_request(request)
+    async def _stream(
+        self, request: GenerationRequest, preq: PlacementRequest, policy: str
+    ) -> AsyncIterator[ChatChunk]:
         failures: list[str] = []
         tried: list[str] = []
         while True:
