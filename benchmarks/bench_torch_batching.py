@@ -9,7 +9,11 @@ Decode rate = (tokens - 1) / (last token time - first token time) per stream; ag
 tokens / wall time from submission to the last token (includes prefill). Medians over the repeats.
 
 Runs on CUDA when torch sees a GPU (the numbers are then GPU numbers and labelled so), else on the CPU.
-Usage: python benchmarks/bench_torch_batching.py [--model default] [--streams 8] [--repeats 3]
+Usage: python benchmarks/bench_torch_batching.py [--model default] [--streams 8] [--repeats 3] [--threads 1]
+
+On a small CPU shared with other processes, `--threads 1` is faster and far steadier: a 2-thread OpenMP
+region on a busy core waits a scheduler tick (~16 ms) per matmul, which hits the batched [8, hidden]
+GEMMs (batch-1 GEMVs run single-threaded anyway). The JSON records the thread count and load average.
 """
 
 from __future__ import annotations
