@@ -71,6 +71,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         symmetric=not args.asymmetric,
         parity=not args.no_parity,
+        graph=args.graph,
     )
     if args.json:
         print(json.dumps({"path": str(exported.path), "cache_hit": exported.cache_hit, **exported.manifest}, indent=2))
@@ -210,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=32, help="int4/int8 quantization block size")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero-point) quantization")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check against torch")
+    p.add_argument(
+        "--graph",
+        choices=("auto", "fused", "plain"),
+        default="auto",
+        help="fused ORT contrib-op graph (fast) or the plain Optimum graph; auto = fused where supported",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 

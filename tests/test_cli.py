@@ -74,3 +74,21 @@ def test_generate_pinned_simulated_gpu_runs_torch_on_cpu(tiny_llama, accelserve_
     p = json.loads(capsys.readouterr().out)["placement"]
     assert p["device"] == "gpu" and p["simulated"] is True
     assert p["backend"] == "torch" and p["provider"] == "cpu"
+
+
+def test_export_then_cache_hit_with_output(tiny_llama, accelserve_home, tmp_path, capsys):
+    out_dir = tmp_path / "exported"
+    args = ["-q", "export", str(tiny_llama), "--target", "cpu", "--precision", "fp32", "--json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["cache_hit"] is False
+    assert main([*args, "--output", str(out_dir)]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["cache_hit"] is True and second["key"] == first["key"]
+    assert (out_dir / "genai_config.json").is_file()
+
+
+def test_export_bad_precision_for_target_is_a_clear_error(tiny_llama, accelserve_home, capsys):
+    assert main(["export", str(tiny_llama), "--target", "npu", "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "fp16" in err and "Traceback" not in err
