@@ -148,11 +148,9 @@ class PinnedBackend:
         out: dict[str, Any] = {"cores": sorted(self.cores), "backend": self.inner.capabilities().name}
         if thread is not None and thread.native_id is not None and thread.is_alive():
             out["torch_batch_thread_affinity"] = sorted(os.sched_getaffinity(thread.native_id))
-            import torch
-
-            out["torch_threads"] = torch.get_num_threads()
-        if hasattr(self.inner, "num_threads"):
-            out["intra_op_threads"] = self.inner.num_threads
+        # torch: set_num_threads is per OpenMP thread; the batch thread is started by the loading thread right
+        # after it set 1, and inherits it (checked: torch.get_num_threads() in such a thread returns 1).
+        out["intra_op_threads"] = getattr(self.inner, "num_threads", None)
         return out
 
 
