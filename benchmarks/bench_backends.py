@@ -729,6 +729,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots:
         for path in make_plots(result, out.parent):
             console.print(f"wrote {path}")
+    if out.parent.resolve() == RESULTS_DIR.resolve():  # the committed results: keep RESULTS.md in step
+        from benchmarks.report import write_results_md
+
+        console.print(f"wrote {write_results_md()}")
     return 0
 
 

@@ -423,8 +423,9 @@ def run_simulation(
     capacity: dict[str, int],
     slo: SLO,
     source: str,
+    watts: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    watts = {d.id: costs.watts(d) for d in devices}
+    watts = watts or {d.id: costs.watts(d) for d in devices}
     runs = {}
     kinds = {d.kind for d in devices}
     for policy in policies:
@@ -440,7 +441,7 @@ def run_simulation(
 
 
 def benchmark(args: argparse.Namespace, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    from plugin.costmodel import CostModel
+    from plugin.costmodel import CostModel, cpu_profile
     from plugin.devices import discover_devices
     from plugin.models import resolve_model
 
@@ -486,7 +487,12 @@ def benchmark(args: argparse.Namespace, progress: Callable[[str], None] = lambda
             {"gpu": 8, "npu": 4},
             slo,
             "simulated (this machine): rates "
-            + ("measured in the live replay" if live_rates else "from device profiles (no live run)"),
+            + (
+                "measured by the live warm-up (idle, one stream)"
+                if live_rates
+                else "from device profiles (no live run)"
+            ),
+            {d.id: cpu_profile(1).watts for d in sim_devices},  # one core each, as in the live replay
         )
         fleet_trace = count_prompt_tokens(small.path, make_trace(FLEET_SHAPE if not args.quick else shape, args.seed))
         fleet = run_simulation(
@@ -636,6 +642,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots:
         for path in make_plots(result, out.parent):
             console.print(f"wrote {path}")
+    if out.parent.resolve() == RESULTS_DIR.resolve():  # the committed results: keep RESULTS.md in step
+        from benchmarks.report import write_results_md
+
+        console.print(f"wrote {write_results_md()}")
     return 0
 
 

@@ -26,6 +26,7 @@ from benchmarks.common import (
     summarize,
     write_json,
 )
+from benchmarks.report import render
 from benchmarks.workload import SLO, Outcome, TraceRequest, TraceShape, busy_seconds, make_trace, metrics, simulate
 
 # ---- statistics ------------------------------------------------------------------------------------------------
@@ -243,6 +244,9 @@ def test_bench_backends_quick_writes_every_field(tiny_llama, accelserve_home, tm
         assert row["overhead"]["load_s_ratio"] > 0 and row["overhead"]["peak_rss_ratio"] > 0
     for name in ("backends_decode.png", "backends_ttft.png", "backends_concurrency.png"):
         assert (tmp_path / name).stat().st_size > 1000
+    md = render(tmp_path)  # the RESULTS.md section is rendered from this JSON
+    assert "| torch fp32 | cpu | ours: TorchBackend |" in md and "*ours / bare*" in md
+    assert data["machine"]["cpu_model"] in md
 
 
 def test_bench_backends_isolates_each_side_in_a_subprocess(tiny_llama, accelserve_home, tmp_path):
@@ -288,6 +292,9 @@ def test_bench_scheduler_simulation_through_the_cli(tiny_llama, accelserve_home,
     _check_section(fleet, {"auto", "latency", "throughput", "energy", "gpu", "npu", "cpu"})
     assert fleet["runs"]["npu"]["metrics"]["failed"] > 0  # the 7B profile never fits an NPU
     assert (tmp_path / "scheduler_simulated_fleet_goodput.png").is_file()
+    md = render(tmp_path)
+    assert "### simulated (hypothetical fleet)" in md and "| energy |" in md
+    assert "results/scheduler_simulated_fleet_latency.png" in md
 
 
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")

@@ -1,0 +1,209 @@
+"""Render benchmarks/RESULTS.md from the latest JSON results, so the README section never drifts from the data.
+
+    python -m benchmarks.report            # rewrite benchmarks/RESULTS.md from benchmarks/results/*.json
+
+Both benchmark scripts call this after writing to the default results folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS_DIR
+
+RESULTS_MD = RESULTS_DIR.parent / "RESULTS.md"
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _num(x: Any, digits: int = 1, scale: float = 1.0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x * scale:.{digits}f}"
+
+
+def _stat(s: dict[str, Any] | None, digits: int = 1, scale: float = 1.0) -> str:
+    if not s or not s.get("n"):
+        return "-"
+    med = _num(s["median"], digits, scale)
+    if s["n"] == 1:
+        return med
+    return f"{med} ({_num(s['min'], digits, scale)}–{_num(s['max'], digits, scale)})"
+
+
+def machine_section(m: dict[str, Any]) -> list[str]:
+    v = m.get("versions", {})
+    libs = ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    return [
+        f"- CPU: {m['cpu_model']}, {m['physical_cores']} physical / {m['logical_cores']} logical cores, "
+        f"{m['memory_bytes'] / 2**30:.0f} GiB RAM; GPUs: {', '.join(m.get('gpus') or []) or 'none'}",
+        f"- {m['platform']}, Python {m['python']}; {libs}",
+        f"- commit {m.get('git_commit') or '?'}, run at {m['time']}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m.get('load_average') or [])}",
+    ]
+
+
+def backends_section(d: dict[str, Any]) -> list[str]:
+    s = d["settings"]
+    streams = [str(c) for c in s["concurrency"]]
+    lines = [
+        "## Backends beside the engines they wrap",
+        "",
+        f"Model {d['model']['name']}; greedy, {s['new_tokens']} new tokens per request; median (min–max) of "
+        f"{s['runs']} runs after a warm-up; {s['isolation']}. llama.cpp: {d['llama_cpp']}.",
+        "",
+        "| config | runs on | engine | load s | peak RSS MB | TTFT ms | decode tok/s (batch 1) | "
+        + " | ".join(f"aggregate tok/s ×{c}" for c in streams)
+        + " |",
+        "|---" * (7 + len(streams)) + "|",
+    ]
+    for row in d["rows"]:
+        cfg = f"{'ort' if row['engine'] == 'onnxruntime-genai' else row['engine']} {row['precision']}"
+        provider = row.get("ours", row.get("bare", {})).get("provider", "-")
+        provider = str(provider).removesuffix("ExecutionProvider")
+        for side in ("ours", "bare"):
+            r = row.get(side)
+            if r is None:
+                continue
+            conc = r.get("concurrency", {})
+            cells = [
+                cfg,
+                provider,
+                f"{side}: {r['name']}",
+                _stat(r["load_s"], 2),
+                _num(r["peak_rss_bytes"], 0, 1e-6),
+                _stat(r.get("ttft_s"), 0, 1e3),
+                _stat(r.get("decode_tps"), 1),
+                *(_stat(conc[c]["aggregate_tps"], 1) if c in conc else "-" for c in streams),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        if "overhead" in row:
+            o = row["overhead"]
+            ratio = lambda st: f"{st['median']:.2f}×" if st and st.get("n") else "-"  # noqa: E731
+            cells = [
+                cfg,
+                "",
+                "*ours / bare*",
+                f"{o['load_s_ratio']:.2f}×" if o.get("load_s_ratio") else "-",
+                f"{o['peak_rss_ratio']:.2f}×" if o.get("peak_rss_ratio") else "-",
+                ratio(o["ttft_ratio"]),
+                ratio(o["decode_tps_ratio"]),
+                *("" for _ in streams),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Decode tok/s = (tokens − 1) / (last − first token time); the overhead ratio is the median of per-pair "
+        "ratios of back-to-back runs on the same loaded weights. Aggregate = all tokens / wall time of N concurrent "
+        "requests through our backend at its default max batch size (prefill included). TTFT of ours includes the "
+        "chat template and tokenization; the bare loops start from token ids.",
+        "",
+        "![decode](results/backends_decode.png) ![ttft](results/backends_ttft.png)",
+        "![concurrency](results/backends_concurrency.png)",
+        "",
+    ]
+    if d.get("busy_warning"):
+        lines.insert(3, f"> **Conditions:** {d['busy_warning']}.\n")
+    return lines
+
+
+def scheduler_section(d: dict[str, Any]) -> list[str]:
+    lines = [
+        "## The scheduler under a mixed workload",
+        "",
+        f"Trace (seed {d['settings']['seed']}): {d['trace']['shape']} — {d['trace']['requests']} requests. "
+        f"SLO: {d['settings']['slo']}. Models: {d['model_note']}.",
+        "",
+    ]
+    if d.get("busy_warning"):
+        lines += [f"> **Conditions:** {d['busy_warning']}.", ""]
+    for key, section in d["sections"].items():
+        lines += [f"### {section['source']}", ""]
+        if key == "live_disjoint_cores":
+            lines.append(
+                "Pinning as measured: "
+                + "; ".join(_pin(k, v) for k, v in section["pinning"].items())
+                + ". Idle rates the warm-up measured: "
+                + "; ".join(
+                    f"{r['model']} on {r['device_id']} {r['decode_tps']:.0f} tok/s decode"
+                    for r in section["measured_rates"]
+                    if r["source"].startswith("measured")
+                )
+                + "."
+            )
+            lines.append("")
+        if "trace" in section:
+            lines += [f"Trace: {section['trace']['shape']} — {section['trace']['requests']} requests.", ""]
+        lines += [
+            "| policy | served / failed | placed on | latency p50 s | p95 s | TTFT p50 s | TTFT p95 s | "
+            "met SLO | tok/s | J/token | energy |",
+            "|---" * 11 + "|",
+        ]
+        for policy, run in section["runs"].items():
+            m = run["metrics"]
+            placed = ", ".join(f"{dev} {v['requests']}" for dev, v in sorted(m["per_device"].items()))
+            cells = [
+                policy,
+                f"{m['completed']} / {m['failed']}",
+                placed,
+                _num(m["latency_p50_s"], 2),
+                _num(m["latency_p95_s"], 2),
+                _num(m["ttft_p50_s"], 2),
+                _num(m["ttft_p95_s"], 2),
+                f"{m['slo_met']} ({m['goodput_fraction']:.0%})",
+                _num(m["throughput_tps"], 1),
+                _num(m["energy"]["per_token_j"], 3),
+                m["energy"]["source"],
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"![latency](results/scheduler_{key}_latency.png) ![goodput](results/scheduler_{key}_goodput.png)",
+            "",
+        ]
+    if d.get("real_devices_note"):
+        lines += [f"Real accelerators: {d['real_devices_note']}.", ""]
+    return lines
+
+
+def _pin(key: str, v: dict[str, Any]) -> str:
+    device, backend, precision = key.split(" ", 2)
+    text = f"{device} ({backend} {precision}) on core {', '.join(map(str, v['cores']))}"
+    text += f", {v.get('intra_op_threads')} intra-op thread(s)"
+    if "torch_batch_thread_affinity" in v:
+        text += f", torch batch thread affinity {v['torch_batch_thread_affinity']}"
+    return text
+
+
+def render(results_dir: Path = RESULTS_DIR) -> str:
+    backends = _load(results_dir / "backends.json")
+    scheduler = _load(results_dir / "scheduler.json")
+    lines = [
+        "# Benchmark results",
+        "",
+        "Produced by `make bench` (`accelserve bench backends` and `accelserve bench scheduler`); this file is "
+        "rewritten from `benchmarks/results/*.json` by `python -m benchmarks.report`.",
+        "",
+    ]
+    machine = (backends or scheduler or {}).get("machine")
+    if machine:
+        lines += ["## Machine and conditions", "", *machine_section(machine), ""]
+    if backends:
+        lines += backends_section(backends)
+    if scheduler:
+        lines += scheduler_section(scheduler)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_results_md(results_dir: Path = RESULTS_DIR, path: Path = RESULTS_MD) -> Path:
+    path.write_text(render(results_dir))
+    return path
+
+
+if __name__ == "__main__":
+    print(write_results_md())
