@@ -669,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="'default', an HF checkpoint folder, a .gguf or a cached hub id")
     p.add_argument("--configs", help="comma list of engine:precision, e.g. torch:fp32,ort:int4 (default: all)")
     p.add_argument("--runs", type=int, default=5, help="measured runs per number, after one warm-up (default 5)")
-    p.add_argument("--new-tokens", type=int, default=48, help="tokens generated per request (default 48)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma list of concurrent stream counts")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 run, 8 tokens, 1 and 2 streams")
     p.add_argument("--in-process", action="store_true", help="measure in this process (peak RSS is then shared)")
