@@ -43,6 +43,7 @@ MESSAGES = [
         "and explain what the message says and what the keeper decides to do about it.",
     },
 ]
+SETTLE_S = 0.5
 # Goals from the issue: decode >= 1.0x llama.cpp (stretch 1.2x), TTFT <= llama.cpp's, peak RSS <= 1.3x.
 GOALS = {"decode_ratio_min": 1.0, "decode_ratio_stretch": 1.2, "ttft_ratio_max": 1.0, "rss_ratio_max": 1.3}
 
@@ -270,6 +271,7 @@ def run_all(specs: dict[str, dict[str, Any]], runs: int) -> dict[str, dict[str, 
         order = list(specs)
         for r in range(runs):
             for engine in order[r % len(order) :] + order[: r % len(order)]:
+                time.sleep(SETTLE_S)  # let the previous engine's spinning worker threads go idle
                 procs[engine].stdin.write("run\n")  # type: ignore[union-attr]
                 procs[engine].stdin.flush()  # type: ignore[union-attr]
                 results[engine]["runs"].append(_read(procs[engine], engine))
@@ -397,6 +399,13 @@ def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument(
+        "--extra-folder",
+        action="append",
+        default=[],
+        metavar="LABEL=FOLDER",
+        help="also run another onnxruntime-genai folder (e.g. a candidate graph) under LABEL",
+    )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
@@ -420,6 +429,12 @@ def main() -> None:
             print(notes[-1], file=sys.stderr)
     load_before = os.getloadavg()
     ids, specs = prepare(engines, args.threads, args.new_tokens)
+    for item in args.extra_folder:
+        label, _, folder = item.partition("=")
+        if not label or not (Path(folder) / "genai_config.json").is_file():
+            parser.error(f"--extra-folder {item!r}: give LABEL=FOLDER, a folder holding genai_config.json")
+        spec = {**specs[next(iter(specs))], "engine": label, "folder": folder, "disk_mb": _onnx_size(Path(folder))}
+        specs[label] = spec
     raw = run_all(specs, args.runs)
     rows = summarize(specs, raw)
     summary = goals(rows)

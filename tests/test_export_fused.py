@@ -81,9 +81,10 @@ def test_int4_fused_graph_packs_and_quantizes(tiny_llama, accelserve_home):
     graph = onnx.load(str(exported.path / "model.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     layers = 2
-    # packed QKV: one MatMulNBits per layer for attention input, plus o_proj, gate, up, down, and lm_head
-    assert len(nbits) == q["quantized_matmuls"] == 5 * layers + 1
+    # packed QKV and packed gate/up: per layer qkv, o_proj, gate_up, down; plus lm_head
+    assert len(nbits) == q["quantized_matmuls"] == 4 * layers + 1
     assert sum("qkv_proj" in n.name for n in nbits) == layers
+    assert sum("gate_up" in n.name for n in nbits) == layers
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nbits}
     assert {b for name, b in bits.items() if "lm_head" in name} == {8}
     assert {b for name, b in bits.items() if "lm_head" not in name} == {4}

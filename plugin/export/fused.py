@@ -50,6 +50,7 @@ FUSED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
 # shared embedding), which is 8-bit. An all-4-bit lm_head agrees with torch's top-1 less often than the
 # plain export does on the default model (measured: docs/fused-export.md); the 8-bit one agrees more.
 INT4_ALGO = "k_quant_last"
+FUSED_FORMAT = 2  # bump when the builder options below change what a fused folder holds
 BUILDER_TIMEOUT_S = 3600.0
 FUSED_OPS = (
     "GroupQueryAttention",
@@ -96,8 +97,10 @@ def resolve_graph(graph: str, target: str, precision: str) -> str:
 def graph_key_options(graph: str, precision: str) -> dict[str, Any]:
     """Cache-key options for the graph choice: the graph, and for fused int4 the quantization preset."""
     options: dict[str, Any] = {"graph": graph}
-    if graph == "fused" and precision == "int4":
-        options["int4_algorithm"] = INT4_ALGO
+    if graph == "fused":
+        options["fused_format"] = FUSED_FORMAT
+        if precision == "int4":
+            options["int4_algorithm"] = INT4_ALGO
     return options
 
 
@@ -134,10 +137,16 @@ def fused_unsupported_reason(hf_config: dict[str, Any]) -> str | None:
 
 
 def builder_options(precision: str, block_size: int, symmetric: bool) -> dict[str, str]:
-    """The builder's extra options for `precision` (strings, as its CLI takes them)."""
+    """The builder's extra options for `precision` (strings, as its CLI takes them).
+
+    gate and up projections are packed into one MatMul (QKV always is): one weight read and kernel
+    launch less per layer.
+    """
+    packed = {"fuse_mlp_gate_up": "true"}
     if precision != "int4":
-        return {}
+        return packed
     return {
+        **packed,
         "block_size": str(block_size),
         "is_symmetric": str(symmetric).lower(),
         "accuracy_level": "4",  # int8 activations inside MatMulNBits: the fast CPU kernel
