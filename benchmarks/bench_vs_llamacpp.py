@@ -231,6 +231,7 @@ def prepare(engines: list[str], threads: int, new_tokens: int) -> tuple[list[int
             if exported.manifest.get("graph", {}).get("built") != engine:
                 raise SystemExit(f"export built {exported.manifest.get('graph')} for graph={engine}")
             spec.update(folder=str(exported.path), disk_mb=_onnx_size(exported.path), key=exported.key)
+            spec["quantization"] = exported.manifest.get("quantization", {}).get("method")
             spec["graph"] = engine
         elif engine == "llamacpp":
             gguf = default_model_gguf()
@@ -302,6 +303,8 @@ def summarize(specs: dict[str, dict[str, Any]], raw: dict[str, dict[str, Any]]) 
             "ttft_ms_range": [round(min(r["ttft_ms"] for r in runs), 1), round(max(r["ttft_ms"] for r in runs), 1)],
             "peak_rss_mb": res["peak_rss_mb"],
             "disk_mb": specs[engine]["disk_mb"],
+            "export_key": specs[engine].get("key"),
+            "quantization": specs[engine].get("quantization"),
             "load_s": res["load_s"],
             "new_tokens": len(runs[0]["tokens"]),
             "first_tokens": runs[0]["tokens"][:16],
@@ -434,6 +437,7 @@ def main() -> None:
         if not label or not (Path(folder) / "genai_config.json").is_file():
             parser.error(f"--extra-folder {item!r}: give LABEL=FOLDER, a folder holding genai_config.json")
         spec = {**specs[next(iter(specs))], "engine": label, "folder": folder, "disk_mb": _onnx_size(Path(folder))}
+        spec.update(key=None, quantization=None)
         specs[label] = spec
     raw = run_all(specs, args.runs)
     rows = summarize(specs, raw)

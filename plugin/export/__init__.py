@@ -7,6 +7,8 @@
 Steps: hash source -> Optimum export (fp32) -> precision conversion -> tokenizer + genai_config ->
 parity check -> manifest -> atomic publish into `<home>/exports/<key>`. See cache.py for the key and
 the lock, targets.py for what each execution provider can load, parity.py for the thresholds.
+int4/fp32 exports for cpu/npu targets build the fused graph instead of the Optimum graph + conversion
+(`graph="auto"`, fused.py); architectures it cannot take fall back to the plain path with the reason.
 """
 
 from __future__ import annotations
