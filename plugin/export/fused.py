@@ -2,7 +2,7 @@
 
 The plain Optimum graph (TorchScript export + MatMulNBits) decodes at about 40 % of the speed of the
 same weights in a graph built from ORT's contrib ops: GroupQueryAttention over one shared past/present
-KV buffer, RotaryEmbedding inside it, (Skip)SimplifiedLayerNormalization, packed QKV MatMulNBits and a
+KV buffer, RotaryEmbedding inside it, (Skip)SimplifiedLayerNormalization, packed QKV and gate/up MatMulNBits, a
 quantized embedding shared with lm_head (GatherBlockQuantized). onnxruntime-genai's builder writes
 exactly that graph from the HF checkpoint we already have on disk, so this module runs it (in a child
 process, see builder_worker.py) instead of re-implementing the fusions. The comparison of the candidates
