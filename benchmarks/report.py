@@ -101,7 +101,10 @@ def backends_section(d: dict[str, Any]) -> list[str]:
         "Decode tok/s = (tokens − 1) / (last − first token time); the overhead ratio is the median of per-pair "
         "ratios of back-to-back runs on the same loaded weights. Aggregate = all tokens / wall time of N concurrent "
         "requests through our backend at its default max batch size (prefill included). TTFT of ours includes the "
-        "chat template and tokenization; the bare loops start from token ids.",
+        "chat template and tokenization; the bare loops start from token ids. Peak RSS and load time are not "
+        "like for like: our side's peak includes the concurrency runs (up to 16 streams, each with its own KV "
+        "cache) and the tokenizer our streaming detokenizer loads, and its load time includes reading the chat "
+        "template and tokenizer; the bare side runs batch 1 only.",
         "",
         "![decode](results/backends_decode.png) ![ttft](results/backends_ttft.png)",
         "![concurrency](results/backends_concurrency.png)",
