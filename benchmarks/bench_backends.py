@@ -522,7 +522,7 @@ def benchmark(args: argparse.Namespace, progress: Callable[[str], None] = lambda
         progress(f"{config.label}: preparing")
         path = prepare_path(config, model, None)
         spec = {**common, "engine": config.engine, "precision": config.precision, "path": str(path)}
-        row: dict[str, Any] = {"engine": config.engine, "precision": config.precision, "path": str(path)}
+        row: dict[str, Any] = {"engine": config.engine, "precision": config.precision, "model_file": Path(path).name}
         if config.engine == LLAMA_CPP:
             progress(f"{config.label}: llama.cpp")
             row["bare"] = run_worker({**spec, "kind": "llama.cpp"}, not args.in_process)
