@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.base import Backend, GenerationRequest, SamplingParams, TokenChunk
+from backends.base import Backend, BackendCapabilities, GenerationRequest, SamplingParams, TokenChunk
 from plugin.costmodel import CostModel
 from plugin.devices import DeviceInfo, discover_devices
 from plugin.health import HealthTracker
@@ -92,11 +92,7 @@ class _Slot:
     key: tuple[str, str, str]  # (device_id, backend, precision)
     backend: Backend
     device: DeviceInfo
-    provider: str
-    device_kind: str  # what really runs it: may differ from the placement when a provider fell back
-    precision: str  # what the backend really holds
-    simulated: bool
-    capacity: int
+    caps: BackendCapabilities  # what really runs it: provider, device kind and precision may differ from the plan
     weight_bytes: int
     active: int = 0
     waiting: int = 0
@@ -106,6 +102,10 @@ class _Slot:
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.capacity)
+
+    @property
+    def capacity(self) -> int:
+        return max(1, self.caps.max_batch_size)
 
 
 _DONE = object()
@@ -242,7 +242,7 @@ class Engine:
                         {
                             "backend": s.key[1],
                             "precision": s.key[2],
-                            "provider": s.provider,
+                            "provider": s.caps.provider,
                             "active": s.active,
                             "waiting": s.waiting,
                             "capacity": s.capacity,
@@ -357,19 +357,20 @@ class Engine:
     def _as_served(self, placement: Placement, slot: _Slot, tried: list[str], failures: list[str]) -> Placement:
         """The placement as it really runs: the provider that loaded, and what moved it here."""
         reason = placement.reason
-        if slot.device_kind != placement.device:
+        caps = slot.caps
+        if caps.device != placement.device:
             reason += (
                 f" The {placement.device.upper()} provider could not load, so it runs on the "
-                f"{slot.device_kind.upper()} ({slot.provider})."
+                f"{caps.device.upper()} ({caps.provider})."
             )
         if failures:
             reason += " Fell back after: " + "; ".join(failures) + "."
         return dataclasses.replace(
             placement,
-            device=slot.device_kind,
-            provider=slot.provider,
-            precision=slot.precision,
-            simulated=slot.simulated,
+            device=caps.device,
+            provider=caps.provider,
+            precision=caps.precision,
+            simulated=caps.simulated,
             reason=reason,
             fallback_from=tuple(tried),
         )
@@ -489,11 +490,7 @@ class Engine:
                 key=key,
                 backend=backend,
                 device=device,
-                provider=caps.provider,
-                device_kind=caps.device,
-                precision=caps.precision,
-                simulated=caps.simulated,
-                capacity=max(1, caps.max_batch_size),
+                caps=caps,
                 weight_bytes=weight_bytes,
             )
             self._slots[key] = slot
