@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (
+    QUESTIONS,
     RESULTS_DIR,
     ROOT,
     Stats,
@@ -69,24 +70,6 @@ BARE_NAME = {TORCH: "model.generate", GENAI: "og generate loop", LLAMA_CPP: "lla
 OURS_NAME = {TORCH: "TorchBackend", GENAI: "OrtGenaiBackend"}
 SHORT = {GENAI: "ort"}
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
-QUESTIONS = (  # one per concurrent stream (the same list as bench_torch_batching's)
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Explain what a neural network is in two sentences.",
-    "List three fruits that are red.",
-    "How do I boil an egg?",
-    "What is 12 times 7? Explain your reasoning step by step.",
-    "Give me a fun fact about octopuses.",
-    "Translate 'good morning' into Spanish, French and German.",
-    "Why is the sky blue?",
-    "Suggest a name for a small bakery.",
-    "What does HTTP stand for?",
-    "Describe a cat to someone who has never seen one.",
-    "What is the boiling point of water in Fahrenheit?",
-    "Name the planets of the solar system.",
-    "What is a haiku?",
-    "Tell me a joke about computers.",
-)
 
 
 @dataclass(frozen=True)

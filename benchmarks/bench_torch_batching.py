@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,27 +35,12 @@ from rich.progress import Progress
 from rich.table import Table
 from transformers.generation.streamers import BaseStreamer
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from backends.base import GenerationRequest, SamplingParams
 from backends.torch_backend import TorchBackend
-
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "Explain what a neural network is in two sentences.",
-    "List three fruits that are red.",
-    "How do I boil an egg?",
-    "What is 12 times 7? Explain your reasoning step by step.",
-    "Give me a fun fact about octopuses.",
-    "Translate 'good morning' into Spanish, French and German.",
-    "Why is the sky blue?",
-    "Suggest a name for a small bakery.",
-    "What does HTTP stand for?",
-    "Describe a cat to someone who has never seen one.",
-    "What is the boiling point of water in Fahrenheit?",
-    "Name the planets of the solar system.",
-    "What is a haiku?",
-    "Tell me a joke about computers.",
-]
+from benchmarks.common import QUESTIONS
 
 
 class _TimingStreamer(BaseStreamer):

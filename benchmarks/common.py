@@ -27,6 +27,24 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+QUESTIONS = (  # one chat prompt per concurrent stream, shared by the backend benchmarks
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain what a neural network is in two sentences.",
+    "List three fruits that are red.",
+    "How do I boil an egg?",
+    "What is 12 times 7? Explain your reasoning step by step.",
+    "Give me a fun fact about octopuses.",
+    "Translate 'good morning' into Spanish, French and German.",
+    "Why is the sky blue?",
+    "Suggest a name for a small bakery.",
+    "What does HTTP stand for?",
+    "Describe a cat to someone who has never seen one.",
+    "What is the boiling point of water in Fahrenheit?",
+    "Name the planets of the solar system.",
+    "What is a haiku?",
+    "Tell me a joke about computers.",
+)
 BUSY_LOAD = 1.5  # 1-minute load average above which a 2-core machine is "busy" and numbers are noisy
 VERSIONED = (
     "accelserve",
