@@ -3,9 +3,10 @@
 The plain Optimum graph (TorchScript export + MatMulNBits) decodes at about 40 % of the speed of the
 same weights in a graph built from ORT's contrib ops: GroupQueryAttention over one shared past/present
 KV buffer, RotaryEmbedding inside it, (Skip)SimplifiedLayerNormalization, packed QKV and gate/up MatMulNBits, a
-quantized embedding shared with lm_head (GatherBlockQuantized). onnxruntime-genai's builder writes
-exactly that graph from the HF checkpoint we already have on disk, so this module runs it (in a child
-process, see builder_worker.py) instead of re-implementing the fusions. The comparison of the candidates
+quantized embedding (GatherBlockQuantized) holding lm_head's 8-bit values, and lm_head applied to the last
+position only. onnxruntime-genai's builder writes exactly that graph from the HF checkpoint we already have
+on disk, so this module runs it (in a child process, see builder_worker.py) instead of re-implementing the
+fusions; fused_memory.py then lays the weights out for a smaller resident set. The comparison of the candidates
 (dynamo + onnxscript fusions, rewriting the Optimum graph, the builder) is in docs/fused-export.md.
 
 Optimum stays the front door: the architecture must be one Optimum exports for text-generation-with-past
@@ -31,6 +32,7 @@ from typing import Any
 import onnx
 
 from plugin.export.errors import ExportError
+from plugin.export.fused_memory import FP32_COMPUTE_MATMULS, apply_memory_layout
 from plugin.export.onnx_files import DATA_FILE, MODEL_FILE
 from plugin.export.steps import StepTimer
 
@@ -47,10 +49,10 @@ FUSED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
     "phi3": ("Phi3ForCausalLM",),
 }
 # int4 weights: block-wise symmetric 4-bit everywhere except the last MatMul (lm_head, and with it the
-# shared embedding), which is 8-bit. An all-4-bit lm_head agrees with torch's top-1 less often than the
+# embedding), which is 8-bit. An all-4-bit lm_head agrees with torch's top-1 less often than the
 # plain export does on the default model (measured: docs/fused-export.md); the 8-bit one agrees more.
 INT4_ALGO = "k_quant_last"
-FUSED_FORMAT = 2  # bump when the builder options below change what a fused folder holds
+FUSED_FORMAT = 3  # bump when the builder options or fused_memory change what a fused folder holds
 BUILDER_TIMEOUT_S = 3600.0
 FUSED_OPS = (
     "GroupQueryAttention",
@@ -140,9 +142,10 @@ def builder_options(precision: str, block_size: int, symmetric: bool) -> dict[st
     """The builder's extra options for `precision` (strings, as its CLI takes them).
 
     gate and up projections are packed into one MatMul (QKV always is): one weight read and kernel
-    launch less per layer.
+    launch less per layer. lm_head runs on the last position only (prune_lm_head): prefill needs no
+    [prompt, vocab] logits buffer, and onnxruntime-genai only ever samples from the last row.
     """
-    packed = {"fuse_mlp_gate_up": "true"}
+    packed = {"fuse_mlp_gate_up": "true", "prune_lm_head": "true"}
     if precision != "int4":
         return packed
     return {
@@ -206,20 +209,24 @@ def check_fused(ops: dict[str, int], num_layers: int) -> None:
         raise ExportError(f"the builder's graph has {gqa} GroupQueryAttention ops for {num_layers} layers; not fused")
 
 
-def _quantization_record(precision: str, options: dict[str, str], ops: dict[str, int]) -> dict[str, Any]:
+def _quantization_record(
+    precision: str, options: dict[str, str], ops: dict[str, int], layout: dict[str, Any]
+) -> dict[str, Any]:
     if precision != "int4":
         return {"method": "fp32 reference (no conversion), fused by onnxruntime-genai's model builder"}
     return {
         "method": (
-            f"MatMulNBits bits=4 weight-only ({INT4_ALGO}: lm_head and shared embedding 8-bit), "
+            f"MatMulNBits bits=4 weight-only ({INT4_ALGO}: lm_head and embedding 8-bit), "
             "onnxruntime-genai model builder"
         ),
         "bits": 4,
         "block_size": int(options["block_size"]),
         "symmetric": options["is_symmetric"] == "true",
         "accuracy_level": int(options["accuracy_level"]),
+        "fp32_compute": list(FP32_COMPUTE_MATMULS),  # these 4-bit MatMuls run at accuracy_level 0
         "algorithm": INT4_ALGO,
         "quantized_matmuls": ops.get("MatMulNBits", 0),
+        "memory_layout": layout,
     }
 
 
@@ -235,13 +242,14 @@ def build_fused(
     work = folder / ".builder"
     out = run_builder(source, work, precision, options)
     hf_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    check_fused(fused_op_counts(out / MODEL_FILE), int(hf_config.get("num_hidden_layers", -1)))
+    layout = apply_memory_layout(out)
     ops = fused_op_counts(out / MODEL_FILE)
-    check_fused(ops, int(hf_config.get("num_hidden_layers", -1)))
     for name in (MODEL_FILE, DATA_FILE, "genai_config.json"):
         shutil.move(out / name, folder / name)
     shutil.rmtree(work)
     log.info("fused graph (%s): %s", builder_name(), ops)
-    return _quantization_record(precision, options, ops), ops
+    return _quantization_record(precision, options, ops, layout.to_dict()), ops
 
 
 def builder_name() -> str:
