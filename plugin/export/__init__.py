@@ -52,7 +52,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "mistral", "phi3",
 """HF `model_type`s exported and checked end to end (Optimum graph -> onnxruntime-genai decoder)."""
 
 _VERSIONED = ("optimum", "optimum-onnx", "onnxruntime", "onnxruntime-genai", "transformers", "torch", "onnx")
-EXPORT_FORMAT = 2  # bump when this package changes what it writes for the same inputs
+EXPORT_FORMAT = 3  # bump when this package changes what it writes for the same inputs (3: parity via teacher forcing)
 
 
 @dataclass(frozen=True)
