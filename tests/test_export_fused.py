@@ -99,11 +99,12 @@ def test_int4_fused_graph_packs_and_quantizes(tiny_llama, accelserve_home):
     lm_head = next(n for n in nbits if "lm_head" in n.name)
     np.testing.assert_array_equal(weights[gather[0].input[0]].reshape(-1), weights[lm_head.input[1]].reshape(-1))
     np.testing.assert_array_equal(weights[gather[0].input[2]], weights[lm_head.input[2]])
-    assert q["memory_layout"] == {"embedding_untied": True, "fp32_compute_matmuls": layers}
-    # down projections at fp32 compute (no block-sum table), the rest int8 activations
+    assert q["memory_layout"] == {"embedding_untied": True, "fp32_compute_matmuls": 2 * layers}
+    # the MLP at fp32 compute (no block-sum table), attention and lm_head with int8 activations
     levels = {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level") for n in nbits}
-    assert {lvl for name, lvl in levels.items() if "down_proj" in name} == {0}
-    assert {lvl for name, lvl in levels.items() if "down_proj" not in name} == {4}
+    mlp = ("gate_up_proj", "down_proj")
+    assert {lvl for name, lvl in levels.items() if any(m in name for m in mlp)} == {0}
+    assert {lvl for name, lvl in levels.items() if not any(m in name for m in mlp)} == {4}
     # lm_head on the last position only
     logits = next(o for o in graph.output if o.name == "logits")
     assert logits.type.tensor_type.shape.dim[1].dim_value == 1

@@ -103,6 +103,7 @@ def graph_key_options(graph: str, precision: str) -> dict[str, Any]:
         options["fused_format"] = FUSED_FORMAT
         if precision == "int4":
             options["int4_algorithm"] = INT4_ALGO
+            options["fp32_compute"] = list(FP32_COMPUTE_MATMULS)
     return options
 
 
