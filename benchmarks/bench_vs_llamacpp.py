@@ -13,6 +13,10 @@ the shared machine hits all of them alike; medians are reported with every run k
 - peak RSS: the engine process's maximum resident set (VmHWM) after all its runs.
 - on disk: the model files the engine reads.
 
+`--compute-variants` adds copies of the default export whose 4-bit MatMulNBits run at other accuracy
+levels (int8 compute everywhere, fp32 compute in the MLP only, everywhere), each with its top-1 agreement
+with torch: the speed / resident-memory trade behind the default (docs/fused-export.md).
+
 Engines: `fused` (our default int4 export, onnxruntime-genai, CPU provider), `plain` (the Optimum graph +
 MatMulNBits int4), `llamacpp` (llama-cpp-python on the original Q4_1 GGUF; optional extra `llamacpp`,
 skipped with a note when not installed), `torch-fp32` / `torch-bf16` (transformers eager generate).
@@ -29,6 +33,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -232,6 +237,7 @@ def prepare(engines: list[str], threads: int, new_tokens: int) -> tuple[list[int
                 raise SystemExit(f"export built {exported.manifest.get('graph')} for graph={engine}")
             spec.update(folder=str(exported.path), disk_mb=_onnx_size(exported.path), key=exported.key)
             spec["quantization"] = exported.manifest.get("quantization", {}).get("method")
+            spec["top1_agreement"] = exported.manifest.get("parity", {}).get("top1_agreement")
             spec["graph"] = engine
         elif engine == "llamacpp":
             gguf = default_model_gguf()
@@ -240,6 +246,45 @@ def prepare(engines: list[str], threads: int, new_tokens: int) -> tuple[list[int
             spec.update(source=str(source), disk_mb=_size_mb(sorted(source.glob("*.safetensors"))))
         specs[engine] = spec
     return ids, specs
+
+
+# label -> MatMulNBits name parts run at fp32 compute (accuracy level 0); every other 4-bit one at level 4
+COMPUTE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "int8 compute everywhere": (),
+    "fp32 compute: gate/up": ("gate_up_proj",),
+    "fp32 compute: down": ("down_proj",),
+    "fp32 compute everywhere": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+}
+
+
+def compute_variants(folder: Path, work: Path) -> dict[str, Path]:
+    """Copies of an int4 export (hard links; model.onnx rewritten) with other accuracy levels, by label."""
+    import onnx
+
+    from plugin.export.fused_memory import set_fp32_compute
+
+    out: dict[str, Path] = {}
+    for i, (label, parts) in enumerate(COMPUTE_VARIANTS.items()):
+        target = work / f"variant{i}"
+        target.mkdir(parents=True)
+        for f in folder.iterdir():
+            if f.is_file() and f.name != "model.onnx":
+                os.link(f, target / f.name)
+        model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        for node in model.graph.node:
+            attrs = {a.name: a for a in node.attribute}
+            if node.op_type == "MatMulNBits" and attrs["bits"].i == 4:
+                attrs["accuracy_level"].i = 4
+        set_fp32_compute(model, parts)
+        onnx.save_model(model, str(target / "model.onnx"))
+        out[label] = target
+    return out
+
+
+def agreement(folder: Path, source: Path) -> float | None:
+    from plugin.export.parity import run_parity
+
+    return run_parity(folder, source, "int4").top1_agreement
 
 
 def _start(spec: dict[str, Any]) -> subprocess.Popen:
@@ -303,6 +348,7 @@ def summarize(specs: dict[str, dict[str, Any]], raw: dict[str, dict[str, Any]]) 
             "ttft_ms_range": [round(min(r["ttft_ms"] for r in runs), 1), round(max(r["ttft_ms"] for r in runs), 1)],
             "peak_rss_mb": res["peak_rss_mb"],
             "disk_mb": specs[engine]["disk_mb"],
+            "top1_agreement": specs[engine].get("top1_agreement"),
             "export_key": specs[engine].get("key"),
             "quantization": specs[engine].get("quantization"),
             "load_s": res["load_s"],
@@ -346,7 +392,7 @@ def print_table(rows: dict[str, dict[str, Any]], summary: dict[str, Any] | None)
     from rich.table import Table
 
     table = Table(title="Side by side, one run, alternating (medians)")
-    for col in ("engine", "runs on", "decode tok/s", "TTFT ms", "peak RSS MB", "on disk MB"):
+    for col in ("engine", "runs on", "decode tok/s", "TTFT ms", "peak RSS MB", "on disk MB", "top-1 vs torch"):
         table.add_column(col)
     for engine, r in rows.items():
         table.add_row(
@@ -356,6 +402,7 @@ def print_table(rows: dict[str, dict[str, Any]], summary: dict[str, Any] | None)
             f"{r['ttft_ms']} ({r['ttft_ms_range'][0]}–{r['ttft_ms_range'][1]})",
             str(r["peak_rss_mb"]),
             str(r["disk_mb"]),
+            "–" if r["top1_agreement"] is None else f"{r['top1_agreement']:.3f}",
         )
     console = Console()
     console.print(table)
@@ -409,10 +456,15 @@ def main() -> None:
         metavar="LABEL=FOLDER",
         help="also run another onnxruntime-genai folder (e.g. a candidate graph) under LABEL",
     )
+    parser.add_argument(
+        "--compute-variants",
+        action="store_true",
+        help="also run the default export at other MatMulNBits accuracy levels (writes vs_llamacpp_compute.json)",
+    )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS / "vs_llamacpp.json")
+    parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/vs_llamacpp.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -420,6 +472,10 @@ def main() -> None:
         return
     if args.runs < 1 or args.new_tokens < 2 or args.threads < 1:
         parser.error("--runs >= 1, --new-tokens >= 2 and --threads >= 1 are needed")
+    if args.out is None:
+        args.out = RESULTS / ("vs_llamacpp_compute.json" if args.compute_variants else "vs_llamacpp.json")
+    if args.compute_variants and "fused" not in args.engines:
+        parser.error("--compute-variants rewrites the fused export: keep 'fused' in --engines")
 
     engines = list(dict.fromkeys(args.engines))
     notes = []
@@ -437,9 +493,18 @@ def main() -> None:
         if not label or not (Path(folder) / "genai_config.json").is_file():
             parser.error(f"--extra-folder {item!r}: give LABEL=FOLDER, a folder holding genai_config.json")
         spec = {**specs[next(iter(specs))], "engine": label, "folder": folder, "disk_mb": _onnx_size(Path(folder))}
-        spec.update(key=None, quantization=None)
+        spec.update(key=None, quantization=None, top1_agreement=None)
         specs[label] = spec
-    raw = run_all(specs, args.runs)
+    with tempfile.TemporaryDirectory(prefix="accelserve-variants-") as work:
+        if args.compute_variants:
+            from plugin.models import resolve_model
+
+            source = Path(resolve_model("default").path)
+            for label, folder in compute_variants(Path(specs["fused"]["folder"]), Path(work)).items():
+                spec = {**specs["fused"], "engine": label, "folder": str(folder), "key": None}
+                spec["top1_agreement"] = agreement(folder, source)
+                specs[label] = spec
+        raw = run_all(specs, args.runs)
     rows = summarize(specs, raw)
     summary = goals(rows)
     result = {

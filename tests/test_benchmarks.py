@@ -316,3 +316,25 @@ def test_bench_scheduler_live_replay_on_disjoint_cores(tiny_llama, accelserve_ho
     rows = live["runs"]["auto"]["outcomes"]
     assert {r["device_id"] for r in rows if r["model"] == "large" and not r["error"]} <= {"gpu:0"}
     assert all(r["error"] is None for r in rows)
+
+
+def test_compute_variants_rewrite_only_accuracy_levels(tiny_llama, accelserve_home, tmp_path):
+    """bench_vs_llamacpp --compute-variants: hard-linked copies whose 4-bit MatMulNBits levels match the label."""
+    import onnx
+
+    from benchmarks.bench_vs_llamacpp import COMPUTE_VARIANTS, compute_variants
+    from plugin.export import export
+
+    exported = export(tiny_llama, home=accelserve_home, target="npu", precision="int4", progress=False)
+    variants = compute_variants(exported.path, tmp_path / "work")
+    assert list(variants) == list(COMPUTE_VARIANTS)
+    for label, folder in variants.items():
+        assert os.path.samefile(folder / "model.onnx.data", exported.path / "model.onnx.data")
+        nodes = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
+        for node in (n for n in nodes if n.op_type == "MatMulNBits"):
+            attrs = {a.name: a.i for a in node.attribute}
+            if attrs["bits"] == 8:
+                assert attrs["accuracy_level"] == 4, node.name  # lm_head untouched
+            else:
+                fp32 = any(part in node.name for part in COMPUTE_VARIANTS[label])
+                assert attrs["accuracy_level"] == (0 if fp32 else 4), (label, node.name)
