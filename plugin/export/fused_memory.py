@@ -12,8 +12,8 @@ Two rewrites of the graph the builder writes, both measured with `benchmarks/ben
 - **fp32 compute for the MLP.** MatMulNBits at accuracy level 4 (int8 activations) pre-packs each
   4-bit weight with a per-block sum table, a quarter again the size of the 4-bit data; level 0 (fp32
   activations) packs without it. The gate/up and down projections hold three quarters of the layer
-  weights. At level 0 they keep 20 MB less resident on the default model (218 vs 238 MB peak) for a
-  fifth of the decode speed (219 vs 274 tok/s); attention projections stay at level 4.
+  weights. At level 0 they keep 20 MB less resident on the default model (219 vs 239 MB peak) for a
+  fifth of the decode speed (226 vs 292 tok/s); attention projections stay at level 4.
 
 Neither changes a weight value: the copy is byte-identical and both accuracy levels dequantize the
 same 4-bit weights.
