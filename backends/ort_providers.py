@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from backends.base import BackendError
 
@@ -170,10 +173,24 @@ def build_config(model_dir: Path, spec: ProviderSpec, num_threads: int | None = 
         options = {**spec.options, **export_provider_options(model_dir).get(spec.key, {})}
         for k, v in options.items():
             config.set_provider_option(spec.genai_name, k, v)
-    if num_threads is not None:
-        session = {"intra_op_num_threads": int(num_threads), "inter_op_num_threads": 1}
+    session = session_threads(spec, num_threads)
+    if session:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
     return config
+
+
+def session_threads(spec: ProviderSpec, num_threads: int | None) -> dict[str, int]:
+    """Thread settings to overlay on the export's session options ({} = leave onnxruntime-genai's default).
+
+    On the CPU provider, None means one intra-op thread per physical core. Left unset, onnxruntime-genai
+    0.18 decodes the default int4 export 1.5x slower on 2 cores (137 vs 224 tok/s, 32 new tokens).
+    Accelerator providers keep their default: there the threads only run the nodes they fall back on.
+    """
+    if num_threads is None and spec.key == "cpu":
+        num_threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if num_threads is None:
+        return {}
+    return {"intra_op_num_threads": int(num_threads), "inter_op_num_threads": 1}
 
 
 @dataclass

@@ -16,7 +16,7 @@ from backends.base import (
     SamplingParams,
 )
 from backends.ort_genai import OrtGenaiBackend
-from backends.ort_providers import PROVIDERS, preference_for, resolve_provider
+from backends.ort_providers import PROVIDERS, preference_for, resolve_provider, session_threads
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPTS = [
@@ -483,3 +483,13 @@ def test_default_model_answers_paris(tmp_path: Path) -> None:
     text, _, chunks = run(b, GenerationRequest(messages=MESSAGES, sampling=SamplingParams(max_new_tokens=32)))
     assert "Paris" in text
     assert chunks[-1].finish_reason == "stop"
+
+
+def test_cpu_provider_gets_one_thread_per_physical_core_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 6 if not logical else 12)
+    assert session_threads(PROVIDERS["cpu"], None) == {"intra_op_num_threads": 6, "inter_op_num_threads": 1}
+    assert session_threads(PROVIDERS["cpu"], 1) == {"intra_op_num_threads": 1, "inter_op_num_threads": 1}
+    assert session_threads(PROVIDERS["qnn"], None) == {}  # accelerators keep onnxruntime-genai's default
+    assert session_threads(PROVIDERS["qnn"], 3)["intra_op_num_threads"] == 3
