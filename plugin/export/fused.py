@@ -243,9 +243,9 @@ def build_fused(
     work = folder / ".builder"
     out = run_builder(source, work, precision, options)
     hf_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    check_fused(fused_op_counts(out / MODEL_FILE), int(hf_config.get("num_hidden_layers", -1)))
+    ops = fused_op_counts(out / MODEL_FILE)  # the layout rewrite below keeps every fused op
+    check_fused(ops, int(hf_config.get("num_hidden_layers", -1)))
     layout = apply_memory_layout(out)
-    ops = fused_op_counts(out / MODEL_FILE)
     for name in (MODEL_FILE, DATA_FILE, "genai_config.json"):
         shutil.move(out / name, folder / name)
     shutil.rmtree(work)
