@@ -22,6 +22,7 @@ same 4-bit weights.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -83,7 +84,7 @@ def untie_quantized_embedding(model: onnx.ModelProto, data_path: Path) -> bool:
         return False
     shape = _constant_ints(reshape.input[1], inits, producers)
     weight = inits[reshape.input[0]]
-    if shape is None or _numel(shape) != _numel(list(weight.dims)):
+    if shape is None or math.prod(shape) != math.prod(weight.dims):
         raise ExportError(f"the tied embedding's Reshape {reshape.name!r} has no constant shape matching its weight")
 
     copies = [(0, weight, "_q", shape), (2, inits[gather.input[2]], "_scale", list(inits[gather.input[2]].dims))]
@@ -137,6 +138,7 @@ def _external_bytes(tensor: onnx.TensorProto, data: BinaryIO) -> bytes:
 
 
 def _external_tensor(name: str, data_type: int, dims: list[int], offset: int, length: int) -> onnx.TensorProto:
+    # built by hand: onnx's set_external_data wants the bytes in raw_data first, and these are already on disk
     tensor = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
     tensor.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
@@ -163,10 +165,3 @@ def _drop_unused_constant(graph: onnx.GraphProto, name: str) -> None:
     for node in list(graph.node):
         if node.op_type == "Constant" and name in node.output:
             graph.node.remove(node)
-
-
-def _numel(dims: list[int]) -> int:
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
