@@ -67,12 +67,17 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
-    """One generation: either chat `messages` (the model's chat template is applied) or a raw `prompt`."""
+    """One generation: either chat `messages` (the model's chat template is applied) or a raw `prompt`.
+
+    `prompt_ids`, when set, are those messages or that prompt already tokenized (the engine tokenizes once
+    to place the request); backends then use them as they are.
+    """
 
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    prompt_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -106,7 +111,10 @@ class BackendCapabilities:
     max_batch_size: int
     context_length: int
     simulated: bool = False
-    streaming: bool = True
+    emulated: bool = False  # a vendor's own NPU compiler and runtime executing on the host CPU (QNN HTP on x86)
+    # KV-cache budget left after the weights, for the engine's admission (None: the backend sets no bound)
+    kv_budget_bytes: int | None = None
+    kv_bytes_per_token: int = 0
 
 
 @dataclass

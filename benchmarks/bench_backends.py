@@ -159,10 +159,10 @@ def _request(text: str, new_tokens: int) -> Any:
 
 def _our_backend(spec: dict[str, Any]) -> Any:
     if spec["engine"] == TORCH:
-        from backends.torch_backend import TorchBackend
+        from backends.torch.backend import TorchBackend
 
         return TorchBackend(spec["path"], device="cpu", dtype=spec["precision"])
-    from backends.ort_genai import OrtGenaiBackend
+    from backends.ort_genai.backend import OrtGenaiBackend
 
     return OrtGenaiBackend(spec["path"], device="cpu")
 
@@ -343,7 +343,7 @@ def _bare_loader(spec: dict[str, Any]) -> tuple[Callable[[], Any], Callable[[Any
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from backends.torch_backend import DTYPES
+        from backends.torch.backend import DTYPES
 
         def load_torch() -> Any:
             tok = AutoTokenizer.from_pretrained(path)
@@ -482,7 +482,7 @@ def prepare_path(config: Config, model: Any, home: Path | None) -> Path:
     if config.engine == TORCH:
         return model.path
     if config.engine == LLAMA_CPP:
-        from plugin.models import default_model_gguf
+        from plugin.models.resolve import default_model_gguf
 
         if model.source != "default":
             raise ValueError("llama.cpp is compared on the default model's GGUF only; pass --model default")
@@ -494,7 +494,7 @@ def prepare_path(config: Config, model: Any, home: Path | None) -> Path:
 
 def benchmark(args: argparse.Namespace, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Measure every configuration; returns the result document (also what the JSON holds)."""
-    from plugin.models import resolve_model
+    from plugin.models.resolve import resolve_model
 
     machine = machine_info()
     model = resolve_model(args.model)

@@ -61,6 +61,7 @@ from benchmarks.workload import (
     metrics,
     simulate,
 )
+from plugin.engine.scheduler import POLICIES
 
 log = logging.getLogger("bench_scheduler")
 
@@ -80,7 +81,7 @@ QUICK_SHAPE = TraceShape(
     duration_s=6, chat_rate=1.0, long_rate=0.2, bursts=1, burst_size=3, chat_tokens=(4, 8), long_tokens=16
 )
 WARM_UP_TOKENS = 32
-ALL_POLICIES = ("auto", "latency", "throughput", "energy", "gpu", "npu", "cpu")
+ALL_POLICIES = POLICIES
 
 
 def large_profile(small: Any) -> Any:
@@ -175,12 +176,12 @@ class PinnedFactory:
     @staticmethod
     def _build(model: Any, placement: Any, device: Any) -> Any:
         if placement.backend == "onnxruntime-genai":
-            from backends.ort_genai import OrtGenaiBackend
+            from backends.ort_genai.backend import OrtGenaiBackend
             from plugin.export import export
 
             folder = export(model.path, target=device.kind, precision=placement.precision, progress=False).path
             return OrtGenaiBackend(folder, device=device.kind, simulated=device.simulated, num_threads=1)
-        from backends.torch_backend import TorchBackend
+        from backends.torch.backend import TorchBackend
 
         return TorchBackend(
             model.path,
@@ -242,7 +243,7 @@ def replay(engines: dict[str, Any], trace: Sequence[TraceRequest], policy: str) 
 
 def warm_up(engines: dict[str, Any], devices: Sequence[Any], repeats: int = 1, tokens: int = WARM_UP_TOKENS) -> None:
     """Load every backend the replay can use; the idle requests give the cost model measured rates per pair."""
-    from plugin.engine import NoDeviceAvailable
+    from plugin.engine.engine import NoDeviceAvailable
 
     for name, engine in engines.items():
         for d in devices:
@@ -262,14 +263,14 @@ def live(
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
     """Replay the trace through real engines, per policy. Simulated devices get disjoint cores."""
-    from plugin.costmodel import CostModel, cpu_profile
-    from plugin.devices import discover_devices
-    from plugin.engine import Engine
-    from plugin.models import ResolvedModel
+    from plugin.engine.costmodel import CostModel, cpu_profile
+    from plugin.engine.devices import discover_devices
+    from plugin.engine.engine import Engine
+    from plugin.models.resolve import ResolvedModel
 
     large = ResolvedModel(small.ref, small.path, large_profile(small.profile), small.source)
     if simulate_spec:
-        devices = [d for d in discover_devices(simulate=simulate_spec) if d.simulated]
+        devices = simulated_only(simulate_spec)
         cores, core_note = core_plan(devices)
         factory: Any = PinnedFactory(cores)
         source = "live (disjoint cores)"
@@ -336,14 +337,26 @@ def live(
     }
 
 
+def simulated_only(spec: str) -> list[Any]:
+    """The simulated devices of `spec`, numbered from 0 per kind (real NPUs, e.g. an emulated HTP, left out)."""
+    from plugin.engine.devices import discover_devices
+
+    out, seen = [], dict.fromkeys(("gpu", "npu", "cpu"), 0)
+    for d in discover_devices(simulate=spec):
+        if d.simulated:
+            out.append(dataclasses.replace(d, index=seen[d.kind]))
+            seen[d.kind] += 1
+    return out
+
+
 def costs_table(costs: Any, devices: Sequence[Any], profiles: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-device rates the cost model holds (measured where it served), per model."""
-    from plugin.scheduler import _options
+    from plugin.engine.scheduler import serving_options
 
     out = []
     for name, profile in profiles.items():
         for d in devices:
-            precision = _options(d, profile, "auto")[0][1]
+            precision = serving_options(d, profile)[0][1]
             r = costs.rates(d, profile, precision)
             out.append(
                 {
@@ -382,7 +395,7 @@ class _FixedCosts:
     """A CostModel view with rates pinned from a table (the live run's measurements)."""
 
     def __init__(self, base: Any, table: list[dict[str, Any]], profiles: dict[str, Any]) -> None:
-        from plugin.costmodel import Rates
+        from plugin.engine.costmodel import Rates
 
         self.base = base
         self._rates = {
@@ -402,7 +415,7 @@ class _FixedCosts:
 
 def fleet_devices() -> list[Any]:
     """A hypothetical workstation: one GPU, one NPU, an 8-core CPU (profiles, not hardware)."""
-    from plugin.devices import DeviceInfo
+    from plugin.engine.devices import DeviceInfo
 
     return [
         DeviceInfo("gpu", "GPU (device profile: 600 GB/s, 40 TFLOP/s, 250 W)", 24 * 10**9, ("torch",),
@@ -441,9 +454,9 @@ def run_simulation(
 
 
 def benchmark(args: argparse.Namespace, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    from plugin.costmodel import CostModel, cpu_profile
-    from plugin.devices import discover_devices
-    from plugin.models import resolve_model
+    from plugin.engine.costmodel import CostModel, cpu_profile
+    from plugin.engine.devices import discover_devices
+    from plugin.models.resolve import resolve_model
 
     machine = machine_info()
     small = resolve_model(args.model)
@@ -475,7 +488,7 @@ def benchmark(args: argparse.Namespace, progress: Callable[[str], None] = lambda
             result["real_devices_note"] = "no real GPU or NPU on this machine: no live run on real accelerators"
     if not args.no_sim:
         progress("simulating")
-        sim_devices = [d for d in discover_devices(simulate=SIMULATION) if d.simulated]
+        sim_devices = simulated_only(SIMULATION)
         base = CostModel(path=None)
         costs = _FixedCosts(base, live_rates, profiles) if live_rates else base
         result["sections"]["simulated_this_machine"] = run_simulation(

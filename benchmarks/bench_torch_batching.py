@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.base import GenerationRequest, SamplingParams
-from backends.torch_backend import TorchBackend
+from backends.torch.backend import TorchBackend
 from benchmarks.common import QUESTIONS
 
 
@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "torch_batching.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from plugin.models import resolve_model
+    from plugin.models.resolve import resolve_model
 
     model = resolve_model(args.model)
     backend = TorchBackend(

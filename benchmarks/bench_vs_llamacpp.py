@@ -222,7 +222,7 @@ def prepare(engines: list[str], threads: int, new_tokens: int) -> tuple[list[int
     from transformers import AutoTokenizer
 
     from plugin.export import export
-    from plugin.models import default_model_gguf, resolve_model
+    from plugin.models.resolve import default_model_gguf, resolve_model
 
     source = Path(resolve_model("default").path)
     tok = AutoTokenizer.from_pretrained(source)
@@ -497,7 +497,7 @@ def main() -> None:
         specs[label] = spec
     with tempfile.TemporaryDirectory(prefix="accelserve-variants-") as work:
         if args.compute_variants:
-            from plugin.models import resolve_model
+            from plugin.models.resolve import resolve_model
 
             source = Path(resolve_model("default").path)
             for label, folder in compute_variants(Path(specs["fused"]["folder"]), Path(work)).items():

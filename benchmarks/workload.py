@@ -245,7 +245,7 @@ def simulate(
     The scheduler sees the same load snapshot the engine would give it (queued and active requests,
     queued tokens) and the same rates that drive service, i.e. it predicts perfectly what it measured.
     """
-    from plugin.scheduler import DeviceLoad, PlacementError, PlacementRequest, place
+    from plugin.engine.scheduler import DeviceLoad, PlacementError, PlacementRequest, place
 
     place_fn = place_fn or place
     by_id = {d.id: d for d in devices}

@@ -12,30 +12,17 @@ from typing import Any
 
 import gradio as gr
 
-from plugin.engine import Engine
+from plugin.engine.engine import Engine
+from plugin.engine.explain import placement_text
+from plugin.engine.scheduler import POLICIES
 
 log = logging.getLogger(__name__)
 
-POLICIES = ["auto", "latency", "energy", "gpu", "npu", "cpu"]
 SEPARATOR = "\n\n---\n"
 
 
 def placement_markdown(placement: Any, metrics: Any | None) -> str:
-    """The line shown under every reply: device, backend, provider, precision, simulated, reason, speed."""
-    sim = " (simulated: runs on the CPU)" if placement.simulated else ""
-    parts = [
-        f"**{placement.device.upper()}**{sim}",
-        placement.backend,
-        f"`{placement.provider}`",
-        placement.precision,
-    ]
-    if metrics is not None:
-        if metrics.ttft_s is not None:
-            parts.append(f"TTFT {metrics.ttft_s * 1000:.0f} ms")
-        if metrics.tokens_per_s is not None:
-            parts.append(f"{metrics.tokens_per_s:.1f} tok/s")
-        parts.append(f"{metrics.new_tokens} tokens")
-    return " · ".join(parts) + f"  \n*{placement.reason}*"
+    return placement_text(placement, metrics, markdown=True)
 
 
 def inventory_markdown(engine: Engine) -> str:

@@ -22,24 +22,24 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
-    "Engine": "plugin.engine",
-    "ChatReply": "plugin.engine",
-    "ChatChunk": "plugin.engine",
-    "RequestMetrics": "plugin.engine",
-    "EngineError": "plugin.engine",
-    "Overloaded": "plugin.engine",
-    "NoDeviceAvailable": "plugin.engine",
+    "Engine": "plugin.engine.engine",
+    "ChatReply": "plugin.engine.engine",
+    "ChatChunk": "plugin.engine.engine",
+    "RequestMetrics": "plugin.engine.engine",
+    "EngineError": "plugin.engine.engine",
+    "Overloaded": "plugin.engine.engine",
+    "NoDeviceAvailable": "plugin.engine.engine",
     "ExportedModel": "plugin.export",
     "ExportError": "plugin.export",
-    "resolve_model": "plugin.models",
-    "ResolvedModel": "plugin.models",
-    "ModelSourceError": "plugin.models",
-    "ModelProfile": "plugin.profile",
-    "DeviceInfo": "plugin.devices",
-    "discover_devices": "plugin.devices",
-    "Placement": "plugin.scheduler",
-    "PlacementError": "plugin.scheduler",
-    "place": "plugin.scheduler",
+    "resolve_model": "plugin.models.resolve",
+    "ResolvedModel": "plugin.models.resolve",
+    "ModelSourceError": "plugin.models.resolve",
+    "ModelProfile": "backends.profile",
+    "DeviceInfo": "plugin.engine.devices",
+    "discover_devices": "plugin.engine.devices",
+    "Placement": "plugin.engine.scheduler",
+    "PlacementError": "plugin.engine.scheduler",
+    "place": "plugin.engine.scheduler",
     "GenerationRequest": "backends.base",
     "SamplingParams": "backends.base",
 }
@@ -70,12 +70,20 @@ __all__ = [
 
 if TYPE_CHECKING:
     from backends.base import GenerationRequest, SamplingParams
-    from plugin.devices import DeviceInfo, discover_devices
-    from plugin.engine import ChatChunk, ChatReply, Engine, EngineError, NoDeviceAvailable, Overloaded, RequestMetrics
+    from backends.profile import ModelProfile
+    from plugin.engine.devices import DeviceInfo, discover_devices
+    from plugin.engine.engine import (
+        ChatChunk,
+        ChatReply,
+        Engine,
+        EngineError,
+        NoDeviceAvailable,
+        Overloaded,
+        RequestMetrics,
+    )
+    from plugin.engine.scheduler import Placement, PlacementError, place
     from plugin.export import ExportedModel, ExportError
-    from plugin.models import ModelSourceError, ResolvedModel, resolve_model
-    from plugin.profile import ModelProfile
-    from plugin.scheduler import Placement, PlacementError, place
+    from plugin.models.resolve import ModelSourceError, ResolvedModel, resolve_model
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,8 @@ import time
 from collections.abc import Iterator
 
 from backends.base import BackendCapabilities, BackendHealth, GenerationRequest, TokenChunk
-from plugin.devices import DeviceInfo
+from backends.stream import TokenStream
+from plugin.engine.devices import DeviceInfo
 
 
 def device(kind: str, gb: float = 8.0, simulated: bool = True, index: int = 0) -> DeviceInfo:
@@ -23,8 +24,30 @@ def device(kind: str, gb: float = 8.0, simulated: bool = True, index: int = 0) -
     )
 
 
+class WordDecoder:
+    """Token i of the reply is its i-th word: enough of a tokenizer for the shared TokenStream."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.words = words
+
+    def add(self, token_id: int) -> str:
+        return (" " if token_id else "") + self.words[token_id]
+
+    def flush(self) -> str:
+        return ""
+
+
+FAKE_EOS = 10_000
+
+
 class FakeBackend:
-    """Replies 'echo: <last user message>' one word per token; can fail on load or before the first token."""
+    """Replies 'echo: <last user message>' one word per token, through the same TokenStream as real backends.
+
+    It follows the backend contract: prompt tokens are the request's ids, max_new_tokens and stop strings
+    are honoured, `cancel` is True only for a request it is running. `gate`, when set, is an Event every
+    token from index `hold_after` on waits for, so a test can hold requests in flight without sleeping;
+    `fail_load` / `fail_first` make it fail on load or before the first token.
+    """
 
     def __init__(
         self,
@@ -35,6 +58,10 @@ class FakeBackend:
         token_delay_s: float = 0.0,
         capacity: int = 4,
         words: int | None = None,
+        gate: threading.Event | None = None,
+        hold_after: int = 0,
+        kv_budget_bytes: int | None = None,
+        kv_bytes_per_token: int = 0,
     ) -> None:
         self.device_kind = device_kind
         self.fail_load = fail_load
@@ -42,9 +69,16 @@ class FakeBackend:
         self.token_delay_s = token_delay_s
         self.capacity = capacity
         self.words = words
+        self.gate = gate
+        self.hold_after = hold_after
+        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_bytes_per_token = kv_bytes_per_token
         self.loaded = False
+        self.crashed = ""
+        self.active: set[str] = set()
         self.cancelled: set[str] = set()
         self.served: list[str] = []
+        self.max_running = 0
         self.lock = threading.Lock()
 
     def load(self) -> None:
@@ -59,19 +93,41 @@ class FakeBackend:
         words = f"echo: {content}".split(" ")
         if self.words is not None:
             words = (words * self.words)[: self.words]
+        prompt_tokens = len(request.prompt_ids) if request.prompt_ids is not None else len(str(content).split())
+        stream = TokenStream(request.request_id, prompt_tokens, request.sampling, {FAKE_EOS}, WordDecoder(words))
         with self.lock:
+            if request.request_id in self.active:
+                raise ValueError(f"request_id {request.request_id!r} is already generating")
+            self.active.add(request.request_id)
             self.served.append(request.request_id)
-        for i, w in enumerate(words):
-            if request.request_id in self.cancelled:
-                yield TokenChunk(request.request_id, "", finish_reason="cancelled")
-                return
-            time.sleep(self.token_delay_s)
-            yield TokenChunk(request.request_id, (" " if i else "") + w, [i], prompt_tokens=5 if i == 0 else 0)
-        yield TokenChunk(request.request_id, "", finish_reason="stop")
+            self.max_running = max(self.max_running, len(self.active))
+        return self._run(request.request_id, stream, len(words))
+
+    def _run(self, rid: str, stream: TokenStream, n_words: int) -> Iterator[TokenChunk]:
+        try:
+            for token in [*range(n_words), FAKE_EOS]:
+                while self.gate is not None and token >= self.hold_after and not self.gate.wait(0.01):
+                    if rid in self.cancelled:
+                        break
+                if rid in self.cancelled:
+                    yield stream.end("cancelled")
+                    return
+                if self.token_delay_s:
+                    time.sleep(self.token_delay_s)
+                chunk = stream.push(token)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            with self.lock:
+                self.active.discard(rid)
 
     def cancel(self, request_id: str) -> bool:
-        self.cancelled.add(request_id)
-        return True
+        with self.lock:
+            if request_id not in self.active:
+                return False
+            self.cancelled.add(request_id)
+            return True
 
     def capabilities(self) -> BackendCapabilities:
         return BackendCapabilities(
@@ -82,10 +138,14 @@ class FakeBackend:
             max_batch_size=self.capacity,
             context_length=256,
             simulated=self.device_kind != "cpu",
+            kv_budget_bytes=self.kv_budget_bytes,
+            kv_bytes_per_token=self.kv_bytes_per_token,
         )
 
     def health(self) -> BackendHealth:
-        return BackendHealth(healthy=self.loaded)
+        if self.crashed:
+            return BackendHealth(False, len(self.active), self.crashed)
+        return BackendHealth(healthy=self.loaded, active_requests=len(self.active))
 
     def unload(self) -> None:
         self.loaded = False

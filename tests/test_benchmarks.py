@@ -138,10 +138,10 @@ def test_metrics_goodput_latency_and_estimated_energy():
 
 
 def test_simulation_routes_through_place_and_queues_beyond_capacity():
+    from backends.profile import ModelProfile
     from benchmarks.bench_scheduler import large_profile
-    from plugin.costmodel import CostModel
-    from plugin.devices import parse_simulation
-    from plugin.profile import ModelProfile
+    from plugin.engine.costmodel import CostModel
+    from plugin.engine.devices import parse_simulation
 
     small = ModelProfile("m", "llama", 135_000_000, 30, 576, 9, 3, 64, 49152, 2048)
     profiles = {"small": small, "large": large_profile(small)}
@@ -273,7 +273,7 @@ def _check_section(section: dict, policies: set[str]) -> None:
 
 
 def test_bench_scheduler_simulation_through_the_cli(tiny_llama, accelserve_home, tmp_path, monkeypatch):
-    from plugin.cli import main
+    from plugin.serve.cli import main
 
     out = tmp_path / "scheduler.json"
     monkeypatch.setattr(sys, "argv", sys.argv[:1])

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from plugin.costmodel import CostModel
-from plugin.engine import Engine
-from plugin.models import resolve_model
+from plugin.engine.costmodel import CostModel
+from plugin.engine.engine import Engine
+from plugin.models.resolve import resolve_model
 
 from fakes import FakeBackend, device
 

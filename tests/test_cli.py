@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from plugin.cli import main
+from plugin.serve.cli import main
 
 
 def test_devices_json_lists_cpu_and_simulated(capsys, monkeypatch):

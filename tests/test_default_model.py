@@ -11,8 +11,8 @@ import torch
 from test_models import genai_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from plugin.cache_entry import COMPLETE_MARKER, is_complete
-from plugin.models import ResolvedModel, default_model_gguf, resolve_model
+from plugin.cache import COMPLETE_MARKER, is_complete
+from plugin.models.resolve import ResolvedModel, default_model_gguf, resolve_model
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from types import SimpleNamespace as NS
 import pytest
 from rich.console import Console
 
-from plugin import devices as devmod
-from plugin.devices import (
+from plugin.engine import devices as devmod
+from plugin.engine.devices import (
     DeviceInfo,
     DeviceSpecError,
     devices_to_json,
@@ -349,3 +349,36 @@ def test_device_identity_ignores_details():
 def test_devices_are_hashable_for_use_as_keys():
     gpu, npu = parse_simulation("gpu:8GB,npu:8GB")
     assert len({gpu, npu, gpu}) == 2
+
+
+class FakeQnn:
+    """backends.qnn_ep's surface as discovery uses it, on an x86-64 host (the HTP emulator)."""
+
+    def __init__(self, emulated: bool = True, devices: int = 1) -> None:
+        self.emulated, self.devices, self.registered = emulated, devices, 0
+
+    def is_emulated(self) -> bool:
+        return self.emulated
+
+    def register(self) -> None:
+        self.registered += 1
+
+    def ep_devices(self) -> list[object]:
+        return [object()] * self.devices
+
+
+def test_qnn_emulator_is_an_npu_labelled_emulated_never_simulated():
+    qnn = FakeQnn()
+    (npu,) = devmod.discover_qnn_emulator(qnn, fake_og())
+    assert npu.kind == "npu" and npu.emulated and not npu.simulated
+    assert npu.providers == ("QNNExecutionProvider",) and npu.backends == ("onnxruntime-genai",)
+    assert "emulated" in npu.name and npu.to_dict()["emulated"] is True
+    assert qnn.registered == 1
+    # on a Snapdragon the plugin lists a real NPU, which discover_npus reports; no emulator then
+    assert devmod.discover_qnn_emulator(FakeQnn(emulated=False), fake_og()) == []
+    assert devmod.discover_qnn_emulator(None, fake_og()) == []  # onnxruntime-qnn not installed
+
+
+def test_emulated_npu_without_genai_qnn_support_says_why():
+    (npu,) = devmod.discover_qnn_emulator(FakeQnn(), fake_og(qnn=False))
+    assert npu.backends == () and "numerics, not speed" in npu.details["note"]

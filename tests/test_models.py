@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import plugin.gguf_import as gguf_import
-from plugin.cache_entry import COMPLETE_MARKER, build_once, is_complete
+import plugin.models.gguf_import as gguf_import
+from plugin.cache import COMPLETE_MARKER, build_once, is_complete
 from plugin.home import accelserve_home
-from plugin.models import ModelSourceError, ResolvedModel, resolve_model
+from plugin.models.resolve import ModelSourceError, ResolvedModel, resolve_model
 
 TEXT = "<|im_start|>user\nHéllo wörld 東京 Привет 🙂 The capital of France is Paris 42!<|im_end|>"
 

@@ -9,10 +9,10 @@ from dataclasses import replace
 import pytest
 from transformers import LlamaConfig
 
-from plugin.costmodel import CostModel, device_profile, prior_rates
-from plugin.devices import DeviceInfo, parse_simulation
-from plugin.profile import ModelProfile, profile_from_config
-from plugin.scheduler import (
+from backends.profile import ModelProfile, profile_from_config
+from plugin.engine.costmodel import CostModel, device_profile, prior_rates
+from plugin.engine.devices import DeviceInfo, parse_simulation
+from plugin.engine.scheduler import (
     NPU_MAX_PARAMS,
     DeviceLoad,
     Placement,

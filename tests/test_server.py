@@ -18,10 +18,10 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.base import ContextOverflowError, GenerationRequest, TokenChunk
-from plugin.costmodel import CostModel
-from plugin.engine import Engine
-from plugin.models import resolve_model
-from plugin.server import check_bind, create_app, is_loopback
+from plugin.engine.costmodel import CostModel
+from plugin.engine.engine import Engine
+from plugin.models.resolve import resolve_model
+from plugin.serve.server import check_bind, create_app, is_loopback
 
 from fakes import FakeBackend, device
 
@@ -150,11 +150,12 @@ def test_chat_completion_with_openai_client(stack):
     assert reply.object == "chat.completion"
     assert reply.choices[0].message.content == "echo: hello there"
     assert reply.choices[0].finish_reason == "stop"
-    assert reply.usage.completion_tokens == 3 and reply.usage.prompt_tokens == 5 and reply.usage.total_tokens == 8
+    # three words and the EOS token, which every backend counts
+    assert reply.usage.completion_tokens == 4 and reply.usage.total_tokens == 4 + reply.usage.prompt_tokens
     placement = reply.model_extra["accelserve"]
     assert placement["device"] == "npu" and placement["simulated"] is True
     assert placement["provider"] == "CPUExecutionProvider" and placement["backend"]
-    assert placement["reason"] and placement["metrics"]["new_tokens"] == 3
+    assert placement["reason"] and placement["metrics"]["new_tokens"] == 4
     assert raw.headers["x-accelserve-device"] == "npu"
     assert raw.headers["x-accelserve-provider"] == "CPUExecutionProvider"
 
@@ -194,8 +195,8 @@ def test_streaming_chat_with_openai_client(stack):
     assert text_chunks[-1].choices[0].finish_reason == "stop"
     assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
     assert all(c.model_extra["accelserve"]["device"] == "npu" for c in text_chunks)
-    assert text_chunks[-1].model_extra["accelserve"]["metrics"]["new_tokens"] == 5
-    assert chunks[-1].usage.completion_tokens == 5  # the include_usage chunk
+    assert text_chunks[-1].model_extra["accelserve"]["metrics"]["new_tokens"] == 6  # five words + EOS
+    assert chunks[-1].usage.completion_tokens == 6  # the include_usage chunk
 
 
 def test_stream_headers_name_the_serving_device(stack):
@@ -220,7 +221,7 @@ def test_completions_with_openai_client(stack):
     reply = client.completions.create(model="tiny", prompt="one two three", max_tokens=8)
     assert reply.object == "text_completion"
     assert reply.choices[0].text == "echo: one two three"
-    assert reply.usage.completion_tokens == 4
+    assert reply.usage.completion_tokens == 5  # four words + EOS
     assert reply.model_extra["accelserve"]["device"] == "npu"
     request = stack.backends["tiny"]["npu"].requests[-1]
     assert request.prompt == "one two three" and request.messages is None
@@ -400,7 +401,7 @@ def test_metrics_move_after_requests(stack):
     ok = {"model": "tiny", "device": "npu:0"}
     assert delta("accelserve_requests_total", **ok, status="200", endpoint="chat") == 2
     assert delta("accelserve_requests_total", model="tiny", device="none", status="400", endpoint="chat") == 0
-    assert delta("accelserve_generated_tokens_total", **ok) == 6
+    assert delta("accelserve_generated_tokens_total", **ok) == 8  # two replies of three words + EOS
     assert delta("accelserve_time_to_first_token_seconds_count", **ok) == 2
     assert delta("accelserve_request_duration_seconds_count", **ok) == 2
     assert after[("accelserve_queue_depth", (("device", "npu:0"), ("model", "tiny")))] == 0
@@ -466,7 +467,7 @@ def test_non_loopback_bind_needs_a_key_or_an_explicit_opt_out(caplog):
         check_bind("0.0.0.0", None, allow_insecure=False)
     check_bind("0.0.0.0", "secret", allow_insecure=False)
     check_bind("127.0.0.1", None, allow_insecure=False)
-    with caplog.at_level(logging.WARNING, logger="plugin.server"):
+    with caplog.at_level(logging.WARNING, logger="plugin.serve.server"):
         check_bind("0.0.0.0", None, allow_insecure=True)
     assert "WITHOUT AN API KEY" in caplog.text
 
@@ -481,7 +482,7 @@ def test_create_app_needs_an_engine():
 
 def test_real_engine_on_cpu_end_to_end(tiny_llama, accelserve_home):
     """No fakes below the server: the tiny checkpoint is exported/loaded by the default factory on the CPU."""
-    from plugin.devices import discover_devices
+    from plugin.engine.devices import discover_devices
 
     cpu = [d for d in discover_devices() if d.kind == "cpu" and not d.simulated]
     engine = Engine(resolve_model(tiny_llama), devices=cpu, cost_model=CostModel(path=None))

@@ -17,7 +17,7 @@ from backends.base import (
     SamplingParams,
     TokenChunk,
 )
-from backends.torch_backend import TorchBackend, resolve_device
+from backends.torch.backend import TorchBackend, resolve_device
 
 PROMPTS = [
     "Hello",
@@ -302,30 +302,44 @@ def test_refuses_model_that_does_not_fit(tiny_model_factory):
     assert not backend.health().healthy
 
 
-def test_kv_budget_makes_requests_wait_instead_of_overcommitting(tiny_model_factory):
+def test_kv_budget_makes_requests_wait_instead_of_overcommitting(tiny_model_factory, accelserve_home):
+    """The backend reports its KV budget; the engine (the one owner of admission) holds what does not fit."""
+    import concurrent.futures
+
+    from plugin.engine.costmodel import CostModel
+    from plugin.engine.engine import Engine
+    from plugin.models.resolve import resolve_model
+
+    from fakes import device
+
     path = tiny_model_factory("llama")
     probe = TorchBackend(path, device="cpu")
     weights_est = probe.profile.weight_bytes("fp32")
     per_token = probe.profile.kv_bytes_per_token("fp32")
     backend = TorchBackend(path, device="cpu", memory_limit_bytes=weights_est + 260 * per_token)
-    backend.load()
-    try:
-        runner = backend._runner
-        one_seq = runner.kv_budget_bytes // per_token
+    engine = Engine(
+        resolve_model(path),
+        devices=[device("cpu")],
+        backend_factory=lambda *_: backend,
+        cost_model=CostModel(path=None),
+    )
+    with engine:
+        engine.preload()
+        caps = backend.capabilities()
+        one_seq = caps.kv_budget_bytes // caps.kv_bytes_per_token
         assert 200 <= one_seq < 400
-        params = SamplingParams(max_new_tokens=one_seq // 2 + 10 - len(backend.tokenizer.encode(PROMPTS[1])))
         backend.eos_ids = frozenset()
-        alone = [ids_of(collect(backend.generate(GenerationRequest(prompt=p, sampling=params)))) for p in PROMPTS[:2]]
-        runner.peak_batch = 0
-        both = run_concurrently(backend, [GenerationRequest(prompt=p, sampling=params) for p in PROMPTS[:2]])
-        assert [ids_of(c) for c in both] == alone
-        assert runner.peak_batch == 1  # two would not fit the budget, so the second waited
-        small = SamplingParams(max_new_tokens=10)
-        runner.peak_batch = 0
-        run_concurrently(backend, [GenerationRequest(prompt=p, sampling=small) for p in PROMPTS[:2]])
-        assert runner.peak_batch == 2
-    finally:
-        backend.unload()
+        prompt_len = len(backend.tokenizer.encode(PROMPTS[1]))
+        big = {"max_new_tokens": one_seq // 2 + 10 - prompt_len}
+        alone = [engine.complete(p, **big).text for p in PROMPTS[:2]]
+        runner = backend._runner
+        for params, peak in ((big, 1), ({"max_new_tokens": 10}, 2)):  # two big ones do not fit together
+            runner.peak_batch = 0
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                replies = list(pool.map(lambda p, kw=params: engine.complete(p, **kw), PROMPTS[:2]))
+            assert runner.peak_batch == peak
+            if params is big:
+                assert [r.text for r in replies] == alone
 
 
 def raise_oom_once(backend: TorchBackend, when) -> dict:
@@ -420,7 +434,7 @@ def test_unload_ends_open_streams(make_backend):
 
 @pytest.mark.slow
 def test_default_model_answers_paris():
-    from plugin.models import resolve_model
+    from plugin.models.resolve import resolve_model
 
     backend = TorchBackend(resolve_model("default").path, device="auto")
     backend.load()

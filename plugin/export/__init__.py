@@ -88,8 +88,8 @@ def _home(home: Path | None) -> Path:
 
 
 def _resolve(model_ref: str | Path, home: Path) -> tuple[Path, str, str]:
-    """(local HF folder, display name, reference) for a model reference, via plugin.models."""
-    from plugin.models import resolve_model
+    """(local HF folder, display name, reference) for a model reference, via plugin.models.resolve."""
+    from plugin.models.resolve import resolve_model
 
     try:
         resolved = resolve_model(model_ref, home=home)

@@ -69,6 +69,7 @@ class DeviceInfo:
     simulated: bool = False
     index: int = 0
     details: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    emulated: bool = False  # a vendor's NPU runtime emulating the NPU on this CPU (QNN HTP on x86-64)
 
     @property
     def id(self) -> str:
@@ -83,6 +84,7 @@ class DeviceInfo:
             "backends": list(self.backends),
             "providers": list(self.providers),
             "simulated": self.simulated,
+            "emulated": self.emulated,
             "index": self.index,
             "details": dict(self.details),
         }
@@ -157,8 +159,12 @@ def discover_devices(simulate: str | None = None) -> list[DeviceInfo]:
     spec = os.environ.get(SIMULATE_ENV, "") if simulate is None else simulate
     simulated = parse_simulation(spec)  # fail fast on a bad spec, before probing hardware
     cpu = discover_cpu()
-    devices = [*discover_gpus(_import("torch"), _import("pynvml")), *discover_npus(_import("onnxruntime"))]
-    devices.append(cpu)
+    devices = [
+        *discover_gpus(_import("torch"), _import("pynvml")),
+        *discover_npus(_import("onnxruntime")),
+        *discover_qnn_emulator(_qnn_module(), _import("onnxruntime_genai")),
+    ]
+    devices.append(_with_registered_runtimes(cpu))
     next_index = {k: sum(d.kind == k for d in devices) for k in KIND_ORDER}
     for d in simulated:
         extra = dict(d.details)
@@ -168,6 +174,14 @@ def discover_devices(simulate: str | None = None) -> list[DeviceInfo]:
         devices.append(replace(d, index=next_index[d.kind], details=extra))
         next_index[d.kind] += 1
     return sorted(devices, key=lambda d: (KIND_ORDER[d.kind], d.simulated, d.index))
+
+
+def _with_registered_runtimes(cpu: DeviceInfo) -> DeviceInfo:
+    """Every installed runtime that runs on CPUs reaches this one (plugins included, backends/registry.py)."""
+    from backends import registry
+
+    extra = [s.name for s in registry.registered().values() if "cpu" in s.devices and s.name not in cpu.backends]
+    return replace(cpu, backends=(*cpu.backends, *extra)) if extra else cpu
 
 
 def discover_gpus(torch: Any, pynvml: Any = None) -> list[DeviceInfo]:
@@ -335,6 +349,55 @@ def discover_npus(ort: Any, og: Any = None, openvino: Any = None, machine: str |
     return out
 
 
+def _qnn_module() -> Any:
+    """backends.qnn_ep when onnxruntime-qnn is installed, else None."""
+    if _import("onnxruntime_qnn") is None:
+        return None
+    from backends import qnn_ep
+
+    return qnn_ep
+
+
+def discover_qnn_emulator(qnn: Any, og: Any) -> list[DeviceInfo]:
+    """Qualcomm's HTP emulator (onnxruntime-qnn on x86-64) as an NPU labelled `emulated`.
+
+    The QNN plugin lists its emulated HTP with hardware type CPU, so `discover_npus` does not take it; it
+    is a real NPU compiler and runtime executing on this CPU: it proves an export compiles and computes
+    the right numbers on HTP, and it is orders of magnitude slower than the CPU provider. On a Snapdragon
+    machine the same plugin lists hardware type NPU and `discover_npus` reports the real device.
+    """
+    if qnn is None or not qnn.is_emulated():
+        return []
+    try:
+        qnn.register()
+        listed = qnn.ep_devices()
+    except Exception as e:  # a broken plugin is reported, never fatal to discovery
+        log.warning("the QNN execution provider could not be registered (%s); no emulated NPU", e)
+        return []
+    if not listed:
+        return []
+    genai = _og_supports(og, "QNNExecutionProvider")
+    details: dict[str, Any] = {
+        "detected_by": "onnxruntime-qnn plugin",
+        "htp": "emulated",
+        "note": "Qualcomm's HTP compiler and runtime executing on this CPU: proves compilation and numerics, "
+        "not speed or power",
+        "genai_providers": ["QNNExecutionProvider"] if genai else [],
+    }
+    return [
+        DeviceInfo(
+            kind="npu",
+            name="Qualcomm HTP (emulated on x86-64)",
+            memory_bytes=_system_memory()[0],
+            backends=("onnxruntime-genai",) if genai else (),
+            providers=("QNNExecutionProvider",),
+            index=0,
+            details=details,
+            emulated=True,
+        )
+    ]
+
+
 def _ep_devices(ort: Any) -> list[Any]:
     fn = getattr(ort, "get_ep_devices", None)
     if fn is None:
@@ -479,6 +542,8 @@ def _details_text(d: DeviceInfo) -> str:
     parts = []
     if d.simulated:
         parts.append("simulated: executes on the CPU")
+    if d.emulated:
+        parts.append("emulated: the vendor's NPU runtime executing on the CPU (numerics, not speed)")
     if d.kind == "cpu":
         parts.append(f"{x.get('physical_cores', '?')} cores / {x.get('logical_cores', '?')} threads")
         if x.get("isa"):

@@ -1,11 +1,14 @@
 """The serving loop: place each request, load the backend it needs, stream its tokens, fall back on failure.
 
-An asyncio loop on a background thread owns all scheduling state. Each loaded backend gets a worker: a
-fixed number of slots (the backend's max batch size) and a bounded waiting line; a request that finds
-the line full fails at once with `Overloaded`. Backends are blocking iterators, so each admitted
+An asyncio loop on a background thread owns all scheduling state, and the engine is the one owner of
+admission: each loaded backend gets a bounded waiting line, and a request is admitted when the backend
+has a free batch slot (its max batch size) and the padded KV cache of its running requests plus this one
+fits the backend's KV budget (backends/memory.py); a request that finds the line full fails at once
+with `Overloaded`. Backends just run what they are given. They are blocking iterators, so each admitted
 request runs on a thread of a shared pool and its chunks are piped back into the loop. A slot is freed
 only when the backend thread has really stopped, so a cancelled request frees capacity the moment the
-backend honours the cancel.
+backend honours the cancel. Each request is tokenized once, in the caller's thread, with the model's own
+tokenizer (backends/prompt.py); the backend receives the ids.
 
 Failures: a backend that fails to load, or fails a request before streaming any text, marks its device
 unhealthy (exponential back-off) and the request is placed again without that device; the reply's
@@ -26,12 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.base import Backend, BackendCapabilities, GenerationRequest, SamplingParams, TokenChunk
-from plugin.costmodel import CostModel
-from plugin.devices import DeviceInfo, discover_devices
-from plugin.health import HealthTracker
-from plugin.models import ResolvedModel, resolve_model
-from plugin.scheduler import MEMORY_FRACTION, DeviceLoad, Placement, PlacementError, PlacementRequest, place
+from backends.base import (
+    Backend,
+    BackendCapabilities,
+    ContextOverflowError,
+    GenerationRequest,
+    SamplingParams,
+    TokenChunk,
+)
+from backends.memory import device_budget, fits
+from backends.prompt import PromptEncoder
+from plugin.engine.costmodel import CostModel
+from plugin.engine.devices import DeviceInfo, discover_devices
+from plugin.engine.health import HealthTracker
+from plugin.engine.scheduler import DeviceLoad, Placement, PlacementError, PlacementRequest, place
+from plugin.models.resolve import ResolvedModel, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +110,21 @@ class _Slot:
     waiting: int = 0
     waiting_tokens: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    slots: asyncio.Semaphore = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.slots = asyncio.Semaphore(self.capacity)
+    running_kv: list[int] = field(default_factory=list)  # prompt + max_new_tokens of each running request
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
     def capacity(self) -> int:
         return max(1, self.caps.max_batch_size)
+
+    def kv_fits(self, kv_tokens: list[int]) -> bool:
+        """Whether these running requests' KV cache fits the backend's KV budget (always, when it sets none)."""
+        if self.caps.kv_budget_bytes is None:
+            return True
+        return fits(0, kv_tokens, self.caps.kv_bytes_per_token, self.caps.kv_budget_bytes)
+
+    def can_admit(self, kv_tokens: int) -> bool:
+        return self.active < self.capacity and self.kv_fits([*self.running_kv, kv_tokens])
 
 
 _DONE = object()
@@ -132,13 +151,13 @@ class Engine:
         self.health = health or HealthTracker()
         self.costs = cost_model if cost_model is not None else CostModel.load_default()
         if backend_factory is None:
-            from plugin.loaders import default_backend_factory
+            from plugin.engine.loaders import default_backend_factory
 
             backend_factory = default_backend_factory
         self._factory = backend_factory
         self._slots: dict[tuple[str, str, str], _Slot] = {}
         self._load_locks: dict[tuple[str, str, str], asyncio.Lock] = {}
-        self._tokenizer: Any = None
+        self._encoder: PromptEncoder | None = None
         self._tokenizer_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="accelserve-gen")
         self._loop = asyncio.new_event_loop()
@@ -225,32 +244,41 @@ class Engine:
         return any([slot.backend.cancel(request_id) for slot in list(self._slots.values())])
 
     def status(self) -> list[dict[str, Any]]:
-        """Per-device load and health, for dashboards and /health."""
+        """Per-device load and health, for dashboards and /health.
+
+        A device is healthy when it is not in a failure back-off and every backend loaded on it says it is
+        healthy (a torch backend whose batching thread crashed says it is not).
+        """
         out = []
         all_slots = list(self._slots.values())  # one atomic copy: the loop thread may add slots meanwhile
         for d in self.devices:
-            loaded = [s for s in all_slots if s.device.id == d.id]
+            loaded = [(s, s.backend.health()) for s in all_slots if s.device.id == d.id]
+            sick = [f"{s.key[1]}: {h.detail}" for s, h in loaded if not h.healthy]
+            reason = self.health.reason(d.id) or "; ".join(sick)
             out.append(
                 {
                     "device_id": d.id,
                     "kind": d.kind,
                     "name": d.name,
                     "simulated": d.simulated,
-                    "healthy": self.health.is_healthy(d.id),
-                    "unhealthy_reason": self.health.reason(d.id),
+                    "emulated": d.emulated,
+                    "healthy": self.health.is_healthy(d.id) and not sick,
+                    "unhealthy_reason": reason,
                     "loaded": [
                         {
                             "backend": s.key[1],
                             "precision": s.key[2],
                             "provider": s.caps.provider,
+                            "healthy": h.healthy,
+                            "detail": h.detail,
                             "active": s.active,
                             "waiting": s.waiting,
                             "capacity": s.capacity,
                         }
-                        for s in loaded
+                        for s, h in loaded
                     ],
-                    "active": sum(s.active for s in loaded),
-                    "waiting": sum(s.waiting for s in loaded),
+                    "active": sum(s.active for s, _ in loaded),
+                    "waiting": sum(s.waiting for s, _ in loaded),
                 }
             )
         return out
@@ -371,6 +399,7 @@ class Engine:
             provider=caps.provider,
             precision=caps.precision,
             simulated=caps.simulated,
+            emulated=caps.emulated,
             reason=reason,
             fallback_from=tuple(tried),
         )
@@ -383,16 +412,25 @@ class Engine:
                 f"{placement.device_id} ({placement.backend}) has {slot.waiting} requests waiting, the limit is "
                 f"{self.max_queue}; retry later or start the engine with a larger max_queue"
             )
+        kv_tokens = preq.prompt_tokens + preq.max_new_tokens
+        if not slot.kv_fits([kv_tokens]):
+            raise ContextOverflowError(
+                f"the request needs a KV cache for {kv_tokens} tokens ({preq.prompt_tokens} prompt + "
+                f"{preq.max_new_tokens} new), more than {placement.device_id}'s KV budget of "
+                f"{slot.caps.kv_budget_bytes} bytes holds even alone; lower max_new_tokens or shorten the prompt"
+            )
         metrics = RequestMetrics(load_s=load_s)
         t_queued = time.perf_counter()
         slot.waiting += 1
-        slot.waiting_tokens += preq.prompt_tokens + preq.max_new_tokens
+        slot.waiting_tokens += kv_tokens
         try:
-            await slot.slots.acquire()
+            async with slot.changed:
+                await slot.changed.wait_for(lambda: slot.can_admit(kv_tokens))
+                slot.active += 1
+                slot.running_kv.append(kv_tokens)
         finally:
             slot.waiting -= 1
-            slot.waiting_tokens -= preq.prompt_tokens + preq.max_new_tokens
-        slot.active += 1
+            slot.waiting_tokens -= kv_tokens
         slot.last_used = time.monotonic()
         t_start = time.perf_counter()
         metrics.queue_wait_s = t_start - t_queued
@@ -409,7 +447,7 @@ class Engine:
                 loop.call_soon_threadsafe(chunks.put_nowait, _DONE)
 
         worker = loop.run_in_executor(self._pool, produce)
-        worker.add_done_callback(lambda _: self._release(slot))  # runs on the loop, before any awaiter wakes
+        worker.add_done_callback(lambda _: self._release(slot, kv_tokens))  # on the loop, before any awaiter wakes
         finished = False
         t_first = t_last = None
         try:
@@ -450,10 +488,16 @@ class Engine:
             if not finished:
                 slot.backend.cancel(request.request_id)
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: _Slot, kv_tokens: int) -> None:
         slot.active -= 1
+        slot.running_kv.remove(kv_tokens)
         slot.last_used = time.monotonic()
-        slot.slots.release()
+
+        async def wake() -> None:
+            async with slot.changed:
+                slot.changed.notify_all()
+
+        self._loop.create_task(wake())
 
     def _observe(self, placement: Placement, metrics: RequestMetrics) -> None:
         """Feed measured rates back into the cost model the scheduler predicts with."""
@@ -474,8 +518,15 @@ class Engine:
 
     async def _get_slot(self, placement: Placement) -> _Slot:
         key = (placement.device_id, placement.backend, placement.precision)
-        if key in self._slots:
-            return self._slots[key]
+        slot = self._slots.get(key)
+        if slot is not None:
+            health = slot.backend.health()
+            if health.healthy:
+                return slot
+            # a backend that died under us (e.g. its batching thread crashed): drop it, and let the caller
+            # mark the device failed and place the request elsewhere
+            await self._unload(slot)
+            raise EngineError(f"the loaded {placement.backend} backend is unhealthy: {health.detail}")
         lock = self._load_locks.setdefault(key, asyncio.Lock())
         async with lock:
             if key in self._slots:
@@ -504,7 +555,9 @@ class Engine:
 
     async def _make_room(self, device: DeviceInfo, needed: int) -> None:
         """Unload idle backends on this device, least recently used first, until `needed` bytes fit."""
-        budget = int(device.memory_bytes * MEMORY_FRACTION[device.kind])  # the scheduler's budget for this kind
+        budget = device_budget(
+            device.kind, device.memory_bytes, simulated=device.simulated, host_memory_bytes=self._host_memory()
+        )
         on_device = sorted((s for s in self._slots.values() if s.device.id == device.id), key=lambda s: s.last_used)
         used = sum(s.weight_bytes for s in on_device)
         for slot in on_device:
@@ -515,6 +568,10 @@ class Engine:
             log.info("unloading idle %s from %s to make room", slot.key, device.id)
             await self._unload(slot)
             used -= slot.weight_bytes
+
+    def _host_memory(self) -> int | None:
+        cpu = next((d for d in self.devices if d.kind == "cpu" and not d.simulated), None)
+        return cpu.memory_bytes if cpu is not None else None
 
     async def _unload(self, slot: _Slot) -> None:
         self._slots.pop(slot.key, None)
@@ -552,22 +609,17 @@ class Engine:
         return snap
 
     def _placement_request(self, request: GenerationRequest) -> PlacementRequest:
-        return PlacementRequest(
-            prompt_tokens=self._count_prompt_tokens(request), max_new_tokens=request.sampling.max_new_tokens
-        )
+        """Tokenize the request (once: the backend receives the ids) and size it for the scheduler."""
+        if request.prompt_ids is None:
+            request.prompt_ids = self.prompt_encoder().encode(request)
+        return PlacementRequest(prompt_tokens=len(request.prompt_ids), max_new_tokens=request.sampling.max_new_tokens)
 
-    def _count_prompt_tokens(self, request: GenerationRequest) -> int:
+    def prompt_encoder(self) -> PromptEncoder:
+        """The model's tokenizer and chat template (loaded on first use; every backend of the model shares it)."""
         with self._tokenizer_lock:
-            if self._tokenizer is None:
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self.model.path)
-            tok = self._tokenizer
-        if request.messages is not None:
-            if tok.chat_template:
-                return len(tok.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True))
-            return len(tok.encode("\n".join(m["content"] for m in request.messages)))
-        return len(tok.encode(request.prompt or ""))
+            if self._encoder is None:
+                self._encoder = PromptEncoder.from_folder(self.model.path)
+            return self._encoder
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The GPU path: a transformers causal LM on CUDA (bf16/fp16) or on the CPU (fp32) as the floor.
 
-Concurrent `generate()` calls share decode steps through one scheduler thread (see torch_batching for
+Concurrent `generate()` calls share decode steps through one scheduler thread (see batching.py for
 the design). This module owns what surrounds it: choosing the device and precision, refusing models
 that do not fit, turning a request into prompt ids (chat template or raw prompt), and the streams.
 
@@ -27,8 +27,10 @@ from backends.base import (
     GenerationRequest,
     TokenChunk,
 )
-from backends.torch_batching import BatchRunner, Work, make_work
-from plugin.profile import ModelProfile, profile_from_config
+from backends.memory import fits, kv_cache_bytes
+from backends.profile import ModelProfile, profile_from_config
+from backends.prompt import PromptEncoder
+from backends.torch.batching import BatchRunner, Work, make_work
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,9 @@ class TorchBackend:
         self.tokenizer = None
         self.eos_ids: frozenset[int] = frozenset()
         self._runner: BatchRunner | None = None
+        self._encoder: PromptEncoder | None = None
+        self._weight_bytes = 0
+        self._kv_budget: int | None = None
         self._encode_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._load_error = ""
@@ -187,9 +192,9 @@ class TorchBackend:
         """Raise BackendError when weights + one sequence's KV cache exceed the device's budget."""
         budget = self.memory_budget_bytes()
         kv_tokens = min(self.context_length, LOAD_KV_TOKENS)
-        need = self.profile.memory_bytes(self.precision, kv_tokens, 1)
-        if need > budget:
-            weights = self.profile.weight_bytes(self.precision)
+        weights, per_token = self.profile.weight_bytes(self.precision), self.profile.kv_bytes_per_token(self.precision)
+        if not fits(weights, [kv_tokens], per_token, budget):
+            need = weights + kv_cache_bytes([kv_tokens], per_token)
             where = "memory_limit_bytes" if self.memory_limit_bytes is not None else f"free memory on {self.device}"
             raise BackendError(
                 f"{self.name} does not fit: it needs {_gib(need)} at {self.precision} (weights {_gib(weights)} + "
@@ -206,11 +211,12 @@ class TorchBackend:
             budget = self.memory_budget_bytes()
             if self.num_threads is not None:
                 torch.set_num_threads(self.num_threads)  # process-wide: torch has one intra-op pool
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoModelForCausalLM
 
             kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
             try:
-                tokenizer = AutoTokenizer.from_pretrained(self.folder, **kwargs)
+                encoder = PromptEncoder.from_folder(self.folder, self.gguf_file)
+                tokenizer = encoder.tokenizer
                 try:
                     model = AutoModelForCausalLM.from_pretrained(
                         self.folder, dtype=DTYPES[self.precision], attn_implementation="sdpa", **kwargs
@@ -239,16 +245,10 @@ class TorchBackend:
             self.eos_ids = _eos_ids(model, tokenizer)
             if not self.eos_ids:
                 log.warning("%s defines no EOS token; replies end only at max_new_tokens or a stop string", self.name)
-            kv_budget = max(budget - weight_bytes, 0)
-            self._runner = BatchRunner(
-                model,
-                self.device,
-                max_batch_size=self.max_batch_size,
-                kv_budget_bytes=kv_budget,
-                kv_bytes_per_token=self.profile.kv_bytes_per_token(self.precision),
-                on_oom=self._after_oom,
-            )
-            self.model, self.tokenizer = model, tokenizer
+            self._weight_bytes = weight_bytes
+            self._kv_budget = max(budget - weight_bytes, 0)
+            self._runner = BatchRunner(model, self.device, max_batch_size=self.max_batch_size, on_oom=self._after_oom)
+            self.model, self.tokenizer, self._encoder = model, tokenizer, encoder
             self._runner.start()
             self._load_error = ""
             log.info(
@@ -257,7 +257,7 @@ class TorchBackend:
                 self.device,
                 self.precision,
                 _gib(weight_bytes),
-                _gib(kv_budget),
+                _gib(self._kv_budget),
                 self.max_batch_size,
             )
 
@@ -269,28 +269,17 @@ class TorchBackend:
         with self._load_lock:
             if self._runner is not None:
                 self._runner.stop("the torch backend was unloaded while this request was running")
-            self._runner, self.model, self.tokenizer = None, None, None
+            self._runner, self.model, self.tokenizer, self._encoder = None, None, None, None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
     # ---- requests -----------------------------------------------------------------------------------
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Token ids of the request: the chat template with a generation prompt for messages, else the raw prompt."""
-        tok = self._require_loaded().tokenizer
-        with self._encode_lock:
-            if request.messages is not None:
-                if not getattr(tok, "chat_template", None):
-                    raise ValueError(f"{self.name} has no chat template; send a raw `prompt` instead of `messages`")
-                ids = tok.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
-                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                    ids = ids["input_ids"]
-            else:
-                ids = tok.encode(request.prompt)
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise ValueError("the prompt is empty after tokenization; send some text")
-        return ids
+        """Token ids of the request: given ids, else the chat template for messages, else the raw prompt."""
+        encoder = self._require_loaded()._encoder
+        assert encoder is not None
+        return encoder.encode(request)
 
     def generate(self, request: GenerationRequest) -> Iterator[TokenChunk]:
         """Validate now (raising ContextOverflowError / ValueError before any work), then stream chunks."""
@@ -304,7 +293,9 @@ class TorchBackend:
                 f"context length {self.context_length} of {self.name}; shorten the prompt or set max_new_tokens "
                 f"<= {max(self.context_length - len(ids), 0)}"
             )
-        work = make_work(request.request_id, ids, request.sampling, self.eos_ids, self.tokenizer, self.device)
+        assert self._encoder is not None
+        decoder = self._encoder.decoder(ids)
+        work = make_work(request.request_id, ids, request.sampling, self.eos_ids, decoder, self.device)
         runner.submit(work)
         return self._stream(runner, work)
 
@@ -344,7 +335,8 @@ class TorchBackend:
             max_batch_size=self.max_batch_size,
             context_length=self.context_length,
             simulated=self.simulated_device is not None and not real_gpu,
-            streaming=True,
+            kv_budget_bytes=self._kv_budget,
+            kv_bytes_per_token=self.profile.kv_bytes_per_token(self.precision),
         )
 
     def health(self) -> BackendHealth:

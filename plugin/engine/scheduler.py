@@ -15,9 +15,9 @@ Feasibility (a device that fails any rule is never chosen; it is listed with the
 
 Precision per device: NPU int4 (onnxruntime-genai); GPU bf16 when the GPU has it (compute capability
 8.0+), else fp16; a simulated GPU runs torch on the CPU, in bf16 when the CPU has native bf16
-instructions, else fp32; CPU (`cpu_backend="auto"`): onnxruntime-genai int4 for models up to
-`CPU_GENAI_MAX_PARAMS` (the fastest CPU path measured here, and the export needs the fp32 model in
-RAM once), torch otherwise (bf16 with native bf16 instructions, else fp32).
+instructions, else fp32; CPU (`cpu_backend="auto"`): the registered runtimes in their declared priority
+(backends/registry.py); built in: onnxruntime-genai int4 up to 4B parameters, torch otherwise (bf16 with
+native bf16 instructions, else fp32).
 
 Prediction per feasible device (rates from `CostModel`): steps slow down by the device's batch
 slowdown for every other sequence sharing it; when requests are queued, the wait is the queued work
@@ -44,24 +44,22 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from plugin.costmodel import CostModel, Rates
-from plugin.devices import SIMULATE_ENV, DeviceInfo, format_bytes
-from plugin.profile import ModelProfile
+from backends import registry
+from backends.memory import MEMORY_FRACTION, device_budget, fits, kv_cache_bytes
+from backends.profile import ModelProfile
+from backends.registry import BackendSpec
+from plugin.engine.costmodel import CostModel, Rates
+from plugin.engine.devices import SIMULATE_ENV, DeviceInfo, format_bytes
 
 Policy = Literal["auto", "latency", "throughput", "energy", "gpu", "npu", "cpu"]
 POLICIES: tuple[str, ...] = ("auto", "latency", "throughput", "energy", "gpu", "npu", "cpu")
-CPU_BACKENDS = ("auto", "onnxruntime-genai", "torch")
 
-MEMORY_FRACTION: dict[str, float] = {"gpu": 0.90, "npu": 0.75, "cpu": 0.75}
 NPU_MAX_PARAMS = 4_000_000_000
-CPU_GENAI_MAX_PARAMS = 4_000_000_000
 AUTO_SMALL_MAX_PARAMS = 2_000_000_000
 LONG_PROMPT_TOKENS = 1024  # OpenVINO's NPU pipeline compiles a 1024-token prompt limit by default
 LONG_OUTPUT_TOKENS = 512
 HIGH_CONCURRENCY = 4
 
-GENAI = "onnxruntime-genai"
-TORCH = "torch"
 _KIND_ORDER = {"gpu": 0, "npu": 1, "cpu": 2}
 _ENERGY_ORDER = {"npu": 0, "cpu": 1, "gpu": 2}
 
@@ -123,6 +121,7 @@ class Placement:
     predicted_tokens_per_s: float
     alternatives: tuple[Alternative, ...]  # every device, ranked: chosen first, infeasible last
     fallback_from: tuple[str, ...] = ()
+    emulated: bool = False  # the device is a vendor's NPU runtime emulated on the CPU (QNN HTP on x86-64)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,19 +194,24 @@ def place(
     costs: CostModel | None = None,
     exclude: Collection[str] = (),
     cpu_backend: str = "auto",
+    backends: Mapping[str, BackendSpec] | None = None,
 ) -> Placement:
     """Choose device, backend and precision for `request` under `policy`; explain the choice."""
     if policy not in POLICIES:
         raise ValueError(f"unknown placement policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    if cpu_backend not in CPU_BACKENDS:
-        raise ValueError(f"unknown cpu_backend {cpu_backend!r}; choose one of {', '.join(CPU_BACKENDS)}")
+    specs = registry.registered() if backends is None else backends
+    if cpu_backend != "auto" and cpu_backend not in specs:
+        raise ValueError(f"unknown cpu_backend {cpu_backend!r}; choose 'auto' or one of {', '.join(sorted(specs))}")
     if not devices:
-        raise PlacementError(f"no devices given; discover them with plugin.devices.discover_devices() ({_hint()})")
+        raise PlacementError(
+            f"no devices given; discover them with plugin.engine.devices.discover_devices() ({_hint()})"
+        )
     load = load or {}
     costs = costs if costs is not None else CostModel(path=None)
     cpu = next((d for d in devices if d.kind == "cpu" and not d.simulated), None)
     cands = [
-        _evaluate(d, profile, request, load.get(d.id, DeviceLoad()), costs, exclude, cpu, cpu_backend) for d in devices
+        _evaluate(d, profile, request, load.get(d.id, DeviceLoad()), costs, exclude, cpu, cpu_backend, specs)
+        for d in devices
     ]
     feasible = [c for c in cands if c.feasible]
 
@@ -251,6 +255,7 @@ def place(
         precision=chosen.precision,
         reason=reason,
         simulated=chosen.device.simulated,
+        emulated=chosen.device.emulated,
         predicted_ttft_s=chosen.ttft_s,
         predicted_tokens_per_s=chosen.tps,
         alternatives=alternatives,
@@ -261,35 +266,43 @@ def _hint() -> str:
     return f"to try placement without accelerators, simulate them, e.g. {SIMULATE_ENV}=gpu:24GB,npu:8GB"
 
 
-def _options(device: DeviceInfo, profile: ModelProfile, cpu_backend: str) -> list[tuple[str, str]]:
-    """(backend, precision) pairs this device could serve the model with, preferred first."""
-    bf16 = bool(device.details.get("bf16"))
-    if device.kind == "npu":
-        return [(GENAI, "int4")]
-    if device.kind == "gpu":
-        return [(TORCH, ("bf16" if bf16 else "fp32") if device.simulated else ("bf16" if bf16 else "fp16"))]
-    # torch on a CPU: fp32 unless it has native bf16; bf16 (slower without it) when fp32 does not fit
-    torch_opts = [(TORCH, "bf16")] if bf16 else [(TORCH, "fp32"), (TORCH, "bf16")]
-    if cpu_backend == TORCH:
-        return torch_opts
-    if cpu_backend == GENAI or (profile.num_parameters <= CPU_GENAI_MAX_PARAMS and GENAI in device.backends):
-        return [(GENAI, "int4")]
-    return torch_opts
+def serving_options(
+    device: DeviceInfo,
+    profile: ModelProfile,
+    cpu_backend: str = "auto",
+    specs: Mapping[str, BackendSpec] | None = None,
+) -> list[tuple[str, str]]:
+    """(backend, precision) pairs this device could serve the model with, preferred first.
+
+    Asks every registered runtime that runs on this kind of device and can reach this device, in the
+    runtimes' declared priority; the first that offers precisions for this model wins.
+    """
+    specs = registry.registered() if specs is None else specs
+    details = {**device.details, "simulated": device.simulated}
+    usable = sorted(
+        (s for s in specs.values() if device.kind in s.devices and s.name in device.backends),
+        key=lambda s: (s.rank(device.kind), s.name),
+    )
+    if device.kind == "cpu" and cpu_backend != "auto":
+        usable = [s for s in usable if s.name == cpu_backend]
+    for spec in usable:
+        precisions = spec.precisions(device.kind, profile.num_parameters, details)
+        if precisions:
+            return [(spec.name, p) for p in precisions]
+    return []
 
 
 def _provider(device: DeviceInfo, backend: str) -> str:
     if device.simulated or device.kind == "cpu":
         return "CPUExecutionProvider"
-    if device.kind == "gpu" and backend == TORCH:
+    if device.kind == "gpu" and backend == "torch":
         return f"cuda:{device.index}"
     return device.providers[0] if device.providers else "CPUExecutionProvider"
 
 
 def _budget(device: DeviceInfo, cpu: DeviceInfo | None) -> int:
-    budget = int(device.memory_bytes * MEMORY_FRACTION[device.kind])
-    if device.simulated and cpu is not None:  # its weights really live in host RAM
-        budget = min(budget, int(cpu.memory_bytes * MEMORY_FRACTION["cpu"]))
-    return budget
+    host = cpu.memory_bytes if cpu is not None else None
+    return device_budget(device.kind, device.memory_bytes, simulated=device.simulated, host_memory_bytes=host)
 
 
 def _evaluate(
@@ -301,9 +314,11 @@ def _evaluate(
     exclude: Collection[str],
     cpu: DeviceInfo | None,
     cpu_backend: str,
+    specs: Mapping[str, BackendSpec],
 ) -> _Candidate:
-    options = _options(device, profile, cpu_backend)
-    backend, precision = options[0]
+    options = serving_options(device, profile, cpu_backend, specs)
+    wanted = [s.name for s in specs.values() if device.kind in s.devices] or ["(none registered)"]
+    backend, precision = options[0] if options else (wanted[0], "-")
     base = _Candidate(device, backend, precision, _provider(device, backend), False, "")
 
     def no(why: str) -> _Candidate:
@@ -313,10 +328,13 @@ def _evaluate(
         return no("excluded: it already failed this request")
     if not load.healthy:
         return no(f"unhealthy: {load.unhealthy_reason or 'recent failure'}")
-    if backend not in device.backends:
+    if not options:
         have = ", ".join(device.backends) or "none"
         extra = f" ({device.details['note']})" if device.details.get("note") else ""
-        return no(f"needs the {backend} runtime, this device has: {have}{extra}")
+        reachable = [n for n in wanted if n in device.backends]
+        if reachable:
+            return no(f"no runtime here can serve a {format_params(profile.num_parameters)}-param model on it")
+        return no(f"needs the {' or '.join(wanted)} runtime, this device has: {have}{extra}")
     if device.kind == "npu" and profile.num_parameters > NPU_MAX_PARAMS:
         return no(
             f"{format_params(profile.num_parameters)} params is over the NPU ceiling of "
@@ -327,8 +345,9 @@ def _evaluate(
     for option in options:  # the first that fits; the last one's numbers if none does
         backend, precision = option
         weights = profile.weight_bytes(precision)
-        kv = request.concurrency * context * profile.kv_bytes_per_token(precision)
-        if weights + kv <= budget:
+        batch = [context] * request.concurrency
+        kv = kv_cache_bytes(batch, profile.kv_bytes_per_token(precision))
+        if fits(weights, batch, profile.kv_bytes_per_token(precision), budget):
             break
     base = replace(base, backend=backend, precision=precision)
     if weights + kv > budget:
@@ -426,6 +445,8 @@ def _auto(
     def preference(c: _Candidate) -> tuple[int, float, int]:
         kind = c.device.kind
         rank = order.index(kind) if kind in order else len(order)
+        if c.device.emulated:  # correct but far slower than the CPU: auto never prefers it
+            rank = len(order) + 1
         # among non-preferred kinds (heavy work without a GPU) the fastest wins
         return (rank, c.total_s, _KIND_ORDER[kind])
 
@@ -463,6 +484,12 @@ def _absent(kind: str, cands: list[_Candidate]) -> str:
     of_kind = [c for c in cands if c.device.kind == kind]
     if not of_kind:
         return f"there is no {kind.upper()}"
+    if all(c.device.emulated for c in of_kind):
+        ids = ", ".join(c.device.id for c in of_kind)
+        return (
+            f"the {kind.upper()} ({ids}) is emulated on this CPU, which proves the export runs on it but is far "
+            f"slower than the CPU itself, so auto uses it only when pinned (policy {kind!r})"
+        )
     return f"the {kind.upper()} cannot take it ({'; '.join(f'{c.device.id}: {c.why}' for c in of_kind)})"
 
 
@@ -516,9 +543,12 @@ def _reason(c: _Candidate, why: str, profile: ModelProfile, request: PlacementRe
     predicted = (
         f"Predicted first token in {_secs(c.ttft_s)}, {c.tps:.0f} tok/s via {c.backend} (rates from {c.rates.source})."
     )
-    sim = (
-        f" {d.id} is simulated: it runs on the CPU (CPUExecutionProvider), and its rates are the CPU's."
-        if d.simulated
-        else ""
-    )
+    sim = ""
+    if d.simulated:
+        sim = f" {d.id} is simulated: it runs on the CPU (CPUExecutionProvider), and its rates are the CPU's."
+    elif d.emulated:
+        sim = (
+            f" {d.id} is emulated: the vendor's NPU compiler and runtime executing on the CPU, so the numbers are "
+            "the NPU's and the speed is not."
+        )
     return f"{fit}; {why}. {predicted}{sim}"

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plugin.gguf_tokenizer import GgufVocab, build_bpe_tokenizer, vocab_from_fields
-from plugin.model_errors import ModelSourceError
+from plugin.models.errors import ModelSourceError
+from plugin.models.gguf_tokenizer import GgufVocab, build_bpe_tokenizer, vocab_from_fields
 
 log = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plugin.devices import DeviceInfo
-from plugin.profile import ModelProfile
+from backends.profile import ModelProfile
+from plugin.engine.devices import DeviceInfo
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ class DeviceProfile:
 
 GPU_PROFILE = DeviceProfile("gpu", 600e9, 40e12, 0.012, 250.0, 0.02)
 NPU_PROFILE = DeviceProfile("npu", 40e9, 4e12, 0.005, 2.0, 0.6)
+EMULATED_NPU_PROFILE = DeviceProfile("npu", 20e6, 0.26e9, 0.05, 8.0, 1.0)
+"""Qualcomm's HTP emulator on x86-64 (docs/npu.md): about 0.26 GFLOP/s and ~4 s per token for a 135M-param
+model (its ~80 MB of weights at ~20 MB/s). Never a speed figure for a real NPU; it keeps `auto` off it."""
 CPU_BANDWIDTH_PER_CORE = 4e9
 CPU_BANDWIDTH_CAP = 60e9
 CPU_FLOPS_PER_CORE = 30e9
@@ -103,6 +106,8 @@ def device_profile(device: DeviceInfo) -> DeviceProfile:
     if device.kind == "cpu" or device.simulated:
         cores = device.details.get("physical_cores") or device.details.get("host_physical_cores") or _host_cores()
         return cpu_profile(int(cores))
+    if device.emulated:
+        return EMULATED_NPU_PROFILE
     return GPU_PROFILE if device.kind == "gpu" else NPU_PROFILE
 
 

@@ -18,10 +18,10 @@ Design (the simplest one that is exactly right):
 - Each row keeps its own SamplingParams, torch.Generator, stop matcher, detokenizer, EOS set and
   max_new_tokens. Greedy rows are decided by one batched argmax; only sampling rows take the per-row
   path.
-- Memory: a request is admitted only when the padded cache of the batch with it included fits the KV
-  budget; otherwise it waits for rows to leave. An out-of-memory error in a forward pass rolls the
-  cache back and fails one request (the one being prefilled, or the newest row of the batch) with an
-  error chunk; the loop carries on with the rest.
+- Admission is the engine's: it submits a request only when a batch slot is free and the padded KV
+  cache of the batch with it fits the budget (backends/memory.py); this loop runs what it is given.
+  An out-of-memory error in a forward pass rolls the cache back and fails one request (the one being
+  prefilled, or the newest row of the batch) with an error chunk; the loop carries on with the rest.
 
 transformers 4.57 ships its own continuous batching (`generate_batch`), but its memory probe assumes
 CUDA and it fails on the CPU, so this loop is used on both devices; it is the one the tests exercise.
@@ -30,7 +30,6 @@ CUDA and it fails on the CPU, so this loop is used on both devices; it is the on
 from __future__ import annotations
 
 import atexit
-import collections
 import logging
 import queue
 import threading
@@ -43,8 +42,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from backends.base import FinishReason, SamplingParams, TokenChunk
-from backends.textstream import IncrementalDetokenizer, StopStringMatcher
-from backends.torch_sampling import choose_token, make_generator, needs_processing
+from backends.detok import StreamDecoder
+from backends.stream import TokenStream
+from backends.torch.sampling import choose_token, make_generator, needs_processing
 
 log = logging.getLogger(__name__)
 
@@ -65,32 +65,23 @@ if hasattr(torch, "OutOfMemoryError"):
 
 @dataclass
 class Work:
-    """One request in flight: its prompt, settings, stream state and output queue."""
+    """One request in flight: its prompt, settings, token stream and output queue."""
 
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    eos_ids: frozenset[int]
-    detok: IncrementalDetokenizer
+    stream: TokenStream
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-    stops: StopStringMatcher = field(init=False)
     position: int = 0  # position id of the next token fed to the model
     done: bool = False
 
     def __post_init__(self) -> None:
-        self.stops = StopStringMatcher(self.params.stop)
         self.position = len(self.prompt_ids)
 
     @property
-    def kv_tokens(self) -> int:
-        """Cache length this request can reach."""
-        return len(self.prompt_ids) + self.params.max_new_tokens
-
-    @property
-    def remaining(self) -> int:
-        return self.params.max_new_tokens - len(self.generated)
+    def generated(self) -> list[int]:
+        return self.stream.generated
 
 
 class BatchRunner:
@@ -102,18 +93,13 @@ class BatchRunner:
         device: torch.device,
         *,
         max_batch_size: int,
-        kv_budget_bytes: int | None,
-        kv_bytes_per_token: int,
         on_oom: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.device = device
-        self.max_batch_size = max_batch_size
-        self.kv_budget_bytes = kv_budget_bytes
-        self.kv_bytes_per_token = kv_bytes_per_token
+        self.max_batch_size = max_batch_size  # what the engine admits at most; reported, not enforced here
         self.on_oom = on_oom
         self._incoming: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
-        self._waiting: collections.deque[Work] = collections.deque()
         self._lock = threading.Lock()
         self._known: dict[str, Work] = {}
         self._cancel: set[str] = set()
@@ -168,7 +154,7 @@ class BatchRunner:
         with self._lock:
             leftover = list(self._known.values())
         for w in leftover:
-            self._finish(w, "", "error", error=reason)
+            self._end(w, "error", reason)
         self.rows, self.cache, self.mask, self.pads = [], None, None, []
         _LIVE_RUNNERS.discard(self)
 
@@ -190,47 +176,23 @@ class BatchRunner:
                 self._stopping = True
                 leftover = list(self._known.values())
             for w in leftover:
-                self._finish(w, "", "error", error=self.last_error)
+                self._end(w, "error", self.last_error)
 
     def _admit(self) -> None:
-        block = not self.rows and not self._waiting
-        while True:
+        """Prefill and join everything submitted since the last step (block while there is nothing to run)."""
+        block = not self.rows
+        while not self._stopping:
             try:
-                item = self._incoming.get(block=block)
+                w = self._incoming.get(block=block)
             except queue.Empty:
-                break
-            block = False
-            if item is None:
                 return
-            self._waiting.append(item)
-        while self._waiting and len(self.rows) < self.max_batch_size and not self._stopping:
-            w = self._waiting[0]
+            block = False
+            if w is None:
+                return
             if self._take_cancel(w.request_id):
-                self._waiting.popleft()
-                self._finish(w, "", "cancelled")
+                self._end(w, "cancelled")
                 continue
-            if not self._fits(w):
-                if not self.rows:  # cannot fit even alone (budget shrank): fail it rather than wait forever
-                    self._waiting.popleft()
-                    need = w.kv_tokens * self.kv_bytes_per_token
-                    self._finish(
-                        w,
-                        "",
-                        "error",
-                        error=f"request needs {need} bytes of KV cache ({w.kv_tokens} tokens) but the budget is "
-                        f"{self.kv_budget_bytes} bytes; lower max_new_tokens or shorten the prompt",
-                    )
-                    continue
-                break  # wait for running rows to leave
-            self._waiting.popleft()
             self._prefill_and_join(w)
-
-    def _fits(self, w: Work) -> bool:
-        if self.kv_budget_bytes is None:
-            return True
-        cur_len = self.mask.shape[1] if self.mask is not None else 0
-        future_len = max(cur_len, len(w.prompt_ids)) + max([w.params.max_new_tokens, *(r.remaining for r in self.rows)])
-        return (len(self.rows) + 1) * future_len * self.kv_bytes_per_token <= self.kv_budget_bytes
 
     def _take_cancel(self, request_id: str) -> bool:
         with self._lock:
@@ -242,12 +204,9 @@ class BatchRunner:
     def _drop_cancelled(self) -> None:
         if not self._cancel:
             return
-        for w in [w for w in self._waiting if self._take_cancel(w.request_id)]:
-            self._waiting.remove(w)
-            self._finish(w, "", "cancelled")
         gone = [i for i, w in enumerate(self.rows) if self._take_cancel(w.request_id)]
         for i in gone:
-            self._finish(self.rows[i], "", "cancelled")
+            self._end(self.rows[i], "cancelled")
         self._remove_rows(gone)
 
     def _prefill_and_join(self, w: Work) -> None:
@@ -261,7 +220,7 @@ class BatchRunner:
         except Exception as e:
             log.exception("prefill failed for request %s", w.request_id)
             self.last_error = f"{type(e).__name__}: {e}"
-            self._finish(w, "", "error", error=f"prefill failed: {type(e).__name__}: {e}")
+            self._end(w, "error", f"prefill failed: {type(e).__name__}: {e}")
             return
         logits = out.logits[0, -1]
         token = self._choose(w, logits) if needs_processing(w.params) else int(logits.argmax(-1))
@@ -320,7 +279,7 @@ class BatchRunner:
             log.exception("decode step failed")
             self.last_error = f"{type(e).__name__}: {e}"
             for w in rows:
-                self._finish(w, "", "error", error=f"decode step failed: {type(e).__name__}: {e}")
+                self._end(w, "error", f"decode step failed: {type(e).__name__}: {e}")
             self.rows, self.cache, self.mask, self.pads = [], None, None, []
             return
         self.cache = out.past_key_values
@@ -342,27 +301,13 @@ class BatchRunner:
         return choose_token(logits, w.params, seen, w.generator)
 
     def _accept(self, w: Work, token: int) -> bool:
-        """Record a new token and stream its text; return True when the request is finished."""
-        w.generated.append(token)
-        if token in w.eos_ids:
-            self._finish(w, self._drain(w), "stop", token_ids=[token])
+        """Stream a new token through the request's TokenStream; return True when the request is finished."""
+        chunk = w.stream.push(token)
+        if chunk.finish_reason is not None:
+            self._finish(w, chunk)
             return True
-        emit, stopped = w.stops.feed(w.detok.add(token))
-        if stopped:
-            self._finish(w, emit, "stop", token_ids=[token])
-            return True
-        if w.remaining <= 0:
-            tail = self._drain(w)
-            self._finish(w, emit + tail, "stop" if w.stops.stopped else "length", token_ids=[token])
-            return True
-        w.out.put(TokenChunk(w.request_id, emit, [token], prompt_tokens=len(w.prompt_ids)))
+        w.out.put(chunk)
         return False
-
-    @staticmethod
-    def _drain(w: Work) -> str:
-        """Text still held by the detokenizer and the stop matcher at the end of the stream."""
-        emit, stopped = w.stops.feed(w.detok.flush())
-        return emit if stopped else emit + w.stops.flush()
 
     def _oom(self, w: Work, where: str, e: BaseException) -> None:
         msg = (
@@ -373,21 +318,18 @@ class BatchRunner:
         self.last_error = msg
         if self.on_oom is not None:
             self.on_oom()
-        self._finish(w, "", "error", error=msg)
+        self._end(w, "error", msg)
 
-    def _finish(
-        self,
-        w: Work,
-        text: str,
-        reason: FinishReason,
-        *,
-        token_ids: list[int] | None = None,
-        error: str | None = None,
-    ) -> None:
+    def _end(self, w: Work, reason: FinishReason, error: str | None = None) -> None:
+        """Finish a request for a reason other than its own tokens: cancelled, or an error."""
+        if not w.done:
+            self._finish(w, w.stream.end(reason, error))
+
+    def _finish(self, w: Work, last: TokenChunk) -> None:
         if w.done:
             return
         w.done = True
-        w.out.put(TokenChunk(w.request_id, text, token_ids or [], reason, len(w.prompt_ids), error))
+        w.out.put(last)
         with self._lock:
             self._known.pop(w.request_id, None)
             self._cancel.discard(w.request_id)
@@ -428,16 +370,10 @@ def make_work(
     prompt_ids: list[int],
     params: SamplingParams,
     eos_ids: frozenset[int],
-    tokenizer: object,
+    decoder: StreamDecoder,
     device: torch.device,
 ) -> Work:
-    """Build the per-request state: detokenizer primed with the prompt, own generator when sampling."""
+    """Build the per-request state: its TokenStream, and its own generator when sampling."""
     generator = make_generator(params.seed, device) if not params.is_greedy else None
-    return Work(
-        request_id=request_id,
-        prompt_ids=prompt_ids,
-        params=params,
-        eos_ids=eos_ids,
-        detok=IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids),
-        generator=generator,
-    )
+    stream = TokenStream(request_id, len(prompt_ids), params, eos_ids, decoder)
+    return Work(request_id=request_id, prompt_ids=prompt_ids, params=params, stream=stream, generator=generator)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -12,21 +13,22 @@ from typing import Any
 from rich.console import Console
 from rich.logging import RichHandler
 
+from plugin.engine.explain import placement_text
+from plugin.engine.scheduler import POLICIES
+
 console = Console()
 err_console = Console(stderr=True)
 log = logging.getLogger("accelserve")
-
-POLICIES = ("auto", "latency", "throughput", "energy", "gpu", "npu", "cpu")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user: printed without a traceback."""
     from backends.base import BackendError
-    from plugin.devices import DeviceSpecError
-    from plugin.engine import EngineError
+    from plugin.engine.devices import DeviceSpecError
+    from plugin.engine.engine import EngineError
+    from plugin.engine.scheduler import PlacementError
     from plugin.export import ExportError
-    from plugin.models import ModelSourceError
-    from plugin.scheduler import PlacementError
+    from plugin.models.resolve import ModelSourceError
 
     return (ModelSourceError, ExportError, EngineError, BackendError, PlacementError, DeviceSpecError, ValueError)
 
@@ -35,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from plugin.devices import devices_to_json, discover_devices, format_devices_table
+    from plugin.engine.devices import devices_to_json, discover_devices, format_devices_table
 
     devices = discover_devices()
     if args.json:
@@ -47,7 +49,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Resolve (convert) a model and load the backend a short chat would use, exporting it if needed."""
-    from plugin.engine import Engine
+    from plugin.engine.engine import Engine
 
     with Engine.from_pretrained(args.model, policy=args.policy) as engine:
         model = engine.model
@@ -100,7 +102,7 @@ def _sampling_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from plugin.engine import Engine
+    from plugin.engine.engine import Engine
 
     policy = args.device if args.device != "auto" else args.policy
     messages = [{"role": "user", "content": args.prompt}]
@@ -117,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         if last is not None and last.metrics is not None:
             p, m = last.placement, last.metrics
-            err_console.print(f"[dim]{placement_line(p, m)}[/]")
+            err_console.print(f"[dim]{placement_text(p, m)}[/]")
             if last.finish_reason == "error":
                 err_console.print(f"[red]error:[/] {last.error}")
                 return 1
@@ -125,33 +127,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def reply_to_json(reply: Any) -> dict[str, Any]:
-    p = reply.placement
+    from plugin.engine.explain import placement_dict
+
     return {
         "text": reply.text,
         "finish_reason": reply.finish_reason,
-        "placement": {
-            "device": p.device,
-            "device_id": p.device_id,
-            "backend": p.backend,
-            "provider": p.provider,
-            "precision": p.precision,
-            "reason": p.reason,
-            "simulated": p.simulated,
-            "fallback_from": list(p.fallback_from),
-        },
+        "placement": placement_dict(reply.placement),
         "metrics": reply.metrics.to_dict(),
     }
-
-
-def placement_line(p: Any, m: Any) -> str:
-    """One line that says where a reply ran and how fast: shown under every reply."""
-    sim = " (simulated, runs on CPU)" if p.simulated else ""
-    ttft = f"{m.ttft_s * 1000:.0f} ms" if m.ttft_s is not None else "-"
-    tps = f"{m.tokens_per_s:.1f} tok/s" if m.tokens_per_s is not None else "-"
-    return (
-        f"{p.device.upper()}{sim} · {p.backend} · {p.provider} · {p.precision} · TTFT {ttft} · {tps} · "
-        f"{m.new_tokens} tokens — {p.reason}"
-    )
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -162,7 +145,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from plugin.server import serve
+    from plugin.serve.server import serve
 
     serve(
         models=args.model or ["default"],
@@ -179,6 +162,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
     script = {"backends": "bench_backends", "scheduler": "bench_scheduler"}[args.what]
+    if importlib.util.find_spec("benchmarks") is None:
+        raise SystemExit(
+            "accelserve bench runs the scripts in benchmarks/, which ship with the source tree, not the wheel; "
+            f"run it from a checkout: python benchmarks/{script}.py"
+        )
     sys.argv = [script, *args.rest]
     runpy.run_module(f"benchmarks.{script}", run_name="__main__")
     return 0

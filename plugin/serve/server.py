@@ -29,14 +29,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backends.base import ContextOverflowError, GenerationRequest
-from plugin.engine import ChatChunk, Engine, EngineError, NoDeviceAvailable, Overloaded
-from plugin.server_metrics import CLIENT_CLOSED, CONTENT_TYPE, ServerMetrics
-from plugin.server_schema import (
+from plugin.engine.engine import ChatChunk, Engine, EngineError, NoDeviceAvailable, Overloaded
+from plugin.engine.explain import placement_headers
+from plugin.serve.metrics import CLIENT_CLOSED, CONTENT_TYPE, ServerMetrics
+from plugin.serve.schema import (
     BadRequest,
     ChatCompletionBody,
     CompletionBody,
     ResponseShape,
-    placement_headers,
 )
 
 log = logging.getLogger(__name__)

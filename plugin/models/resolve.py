@@ -17,10 +17,10 @@ from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from plugin.cache_entry import build_once, is_complete
+from backends.profile import ModelProfile, profile_from_config
+from plugin.cache import build_once, is_complete
 from plugin.home import accelserve_home
-from plugin.model_errors import ModelSourceError
-from plugin.profile import ModelProfile, profile_from_config
+from plugin.models.errors import ModelSourceError
 
 __all__ = ["ModelSourceError", "ResolvedModel", "accelserve_home", "default_model_gguf", "resolve_model"]
 
@@ -202,7 +202,7 @@ def gguf_cache_folder(gguf: Path, home: Path) -> Path:
 
 
 def _convert_cached(gguf: Path, target: Path, extra: dict) -> Path:
-    from plugin.gguf_import import convert_gguf, read_gguf_info
+    from plugin.models.gguf_import import convert_gguf, read_gguf_info
 
     if is_complete(target):
         return target

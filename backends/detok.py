@@ -1,4 +1,4 @@
-"""Streaming detokenization for the onnxruntime-genai backend: transformers' text, at a per-token cost of ~1 us.
+"""Streaming detokenization shared by every backend: transformers' text, UTF-8-safe, ~1 us per token.
 
 Streamed text must equal `transformers` `decode(ids, skip_special_tokens=True)` of the whole reply,
 including replies that are not valid UTF-8 (onnxruntime-genai's own TokenizerStream silently drops an
@@ -14,16 +14,23 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
-from backends.textstream import IncrementalDetokenizer
-
 log = logging.getLogger(__name__)
 
 
+REPLACEMENT_CHAR = "\ufffd"
+_PREFIX_WINDOW = 5
+"""Tokens of context decoded before the new ones, so tokenizers that merge or strip leading spaces at
+the start of a decode (SentencePiece) produce the same characters as in a full decode."""
+
+
 class StreamDecoder(Protocol):
+    """One reply's decoder: `add` returns the text a token completes, `flush` what is held at the end."""
+
     def add(self, token_id: int) -> str: ...
 
     def flush(self) -> str: ...
@@ -89,10 +96,20 @@ class Detokenizer:
     """Per-model factory of per-reply stream decoders, built from the export's tokenizer.json."""
 
     def __init__(self, tokenizer_json: Path) -> None:
+        self._init(Path(tokenizer_json).read_text(encoding="utf-8"))
+
+    @classmethod
+    def from_json(cls, spec: str) -> Detokenizer:
+        """From the JSON text of a `tokenizers.Tokenizer` (e.g. a transformers fast tokenizer's backend)."""
+        self = cls.__new__(cls)
+        self._init(spec)
+        return self
+
+    def _init(self, spec: str) -> None:
         from tokenizers import Tokenizer
 
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_json))
-        self._table = self._byte_table(json.loads(Path(tokenizer_json).read_text(encoding="utf-8")))
+        self._tokenizer = Tokenizer.from_str(spec)
+        self._table = self._byte_table(json.loads(spec))
         self.kind = "byte-level" if self._table is not None else "windowed"
 
     def _byte_table(self, spec: dict[str, Any]) -> list[bytes | None] | None:
@@ -119,6 +136,9 @@ class Detokenizer:
         except KeyError:
             return token.encode("utf-8")
 
+    def __call__(self, prompt_ids: list[int]) -> StreamDecoder:
+        return self.stream(prompt_ids)
+
     def stream(self, prompt_ids: list[int]) -> StreamDecoder:
         if self._table is not None:
             return _ByteStream(self._table)
@@ -127,3 +147,69 @@ class Detokenizer:
     def decode(self, ids: list[int]) -> str:
         """Whole-reply decode, for comparisons."""
         return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class IncrementalDetokenizer:
+    """UTF-8-safe streaming decode for HF tokenizers: never emits a partial multi-byte char (U+FFFD) mid-stream.
+
+    The vLLM/TGI scheme: decode ids[prefix_offset:read_offset] (already emitted context) and
+    ids[prefix_offset:] (context plus new tokens); the new text is the difference. While the full decode
+    ends in U+FFFD the new tokens hold an incomplete character, so nothing is emitted and the offsets
+    stay put until it completes.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = [int(t) for t in prompt_ids[-_PREFIX_WINDOW:]] if len(prompt_ids) else []
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self.token_count = 0
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        if not ids:
+            return ""
+        return self.tokenizer.decode(
+            list(ids), skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def add(self, token_id: int) -> str:
+        """Append one generated token; return the text it completes (may be '' while a character is partial)."""
+        self._ids.append(int(token_id))
+        self.token_count += 1
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end of the stream (an incomplete character stays as U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        ids = self._ids
+        if self._read_offset >= len(ids):
+            return ""
+        prefix_text = self._decode(ids[self._prefix_offset : self._read_offset])
+        full_text = self._decode(ids[self._prefix_offset :])
+        if not final and (len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT_CHAR)):
+            # An incomplete character, or a token that adds no text (a skipped special token): keep the
+            # window as it is so the next token is decoded with the same context.
+            return ""
+        new_text = full_text[len(prefix_text) :]
+        self._commit()
+        return new_text
+
+    def _commit(self) -> None:
+        """Move the window forward: the tokens just emitted become the context for the next decode."""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        if self._prefix_offset:
+            del self._ids[: self._prefix_offset]
+            self._read_offset -= self._prefix_offset
+            self._prefix_offset = 0
+
+
+def decoder_factory(tokenizer: Any) -> Detokenizer | Callable[[list[int]], StreamDecoder]:
+    """Per-reply decoders for a transformers tokenizer: the byte-level fast path when its backend allows."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return Detokenizer.from_json(backend.to_str())
+    return lambda prompt_ids: IncrementalDetokenizer(tokenizer, prompt_ids)

@@ -36,6 +36,15 @@ class ProviderSpec:
     options: dict[str, str] = field(default_factory=dict)  # provider options set through og.Config
     genai_flag: str | None = None  # og.is_<x>_available, when the build exposes one
 
+    @property
+    def emulated(self) -> bool:
+        """QNN's HTP backend on an x86-64 host is Qualcomm's emulator: real compiler and numerics, CPU speed."""
+        if self.key != "qnn":
+            return False
+        from backends import qnn_ep
+
+        return qnn_ep.is_emulated()
+
 
 # DirectML is in the NPU list as the Windows fallback, but it runs on the default adapter, a GPU: it is
 # reported as "gpu" so a DirectML placement is never called NPU.
@@ -114,6 +123,15 @@ def unavailable_reason(spec: ProviderSpec) -> str | None:
     """Why this machine cannot run `spec`, or None when it might (only a load attempt can tell for sure)."""
     if spec.key == "cpu":
         return None
+    if spec.key == "qnn":
+        from backends import qnn_ep
+
+        if not qnn_ep.is_installed():
+            return f"onnxruntime-qnn is not installed ({qnn_ep.INSTALL_HINT})"
+        try:
+            qnn_ep.register()
+        except qnn_ep.QnnUnavailable as exc:
+            return str(exc)
     import onnxruntime_genai as og
 
     if spec.genai_flag is not None:
@@ -167,6 +185,14 @@ def build_config(model_dir: Path, spec: ProviderSpec, num_threads: int | None = 
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
+    if spec.key == "qnn":
+        from backends import qnn_ep
+
+        qnn_ep.register()
+        if is_pipeline(model_dir):
+            # an HTP package: its precompiled graphs name QNN with their own options, and embeddings and
+            # lm_head stay on the CPU by design; load it as written
+            return config
     config.clear_providers()
     if spec.key != "cpu":
         config.append_provider(spec.genai_name)
@@ -177,6 +203,15 @@ def build_config(model_dir: Path, spec: ProviderSpec, num_threads: int | None = 
     if session:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
     return config
+
+
+def is_pipeline(model_dir: Path) -> bool:
+    """True for a decoder-pipeline export (the static-shape NPU package), whose graphs carry their providers."""
+    try:
+        config = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return config.get("model", {}).get("type") == "decoder-pipeline"
 
 
 def session_threads(spec: ProviderSpec, num_threads: int | None) -> dict[str, int]:

@@ -14,9 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import GenerationRequest, SamplingParams
-from plugin.engine import ChatChunk, RequestMetrics
-
-POLICIES = ("auto", "latency", "throughput", "energy", "gpu", "npu", "cpu")
+from plugin.engine.engine import ChatChunk, RequestMetrics
+from plugin.engine.explain import placement_dict
+from plugin.engine.scheduler import POLICIES
 
 # Sent by common clients; they do not change what is generated, so they are accepted and ignored.
 _IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key"}
@@ -178,34 +178,6 @@ class CompletionBody(_GenerationBody):
 
 
 # ---- responses --------------------------------------------------------------------------------------
-
-
-def placement_dict(placement: Any, metrics: RequestMetrics | None = None) -> dict[str, Any]:
-    """Where a reply ran and why: the `accelserve` field of every response and stream chunk."""
-    out: dict[str, Any] = {
-        "device": placement.device,
-        "device_id": placement.device_id,
-        "backend": placement.backend,
-        "provider": placement.provider,
-        "precision": placement.precision,
-        "simulated": placement.simulated,
-        "reason": placement.reason,
-        "fallback_from": list(placement.fallback_from),
-    }
-    if metrics is not None:
-        out["metrics"] = metrics.to_dict()
-    return out
-
-
-def placement_headers(placement: Any, request_id: str) -> dict[str, str]:
-    return {
-        "x-accelserve-device": placement.device,
-        "x-accelserve-device-id": placement.device_id,
-        "x-accelserve-backend": placement.backend,
-        "x-accelserve-provider": placement.provider,
-        "x-accelserve-simulated": "true" if placement.simulated else "false",
-        "x-accelserve-request-id": request_id,
-    }
 
 
 def openai_finish_reason(reason: str | None) -> str | None:

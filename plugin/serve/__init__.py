@@ -1,0 +1,1 @@
+"""What users run: the OpenAI-compatible HTTP server, its schema and metrics, and the `accelserve` CLI."""

@@ -1,0 +1,226 @@
+"""The shared streaming state machine: stop strings, UTF-8-safe detokenization, EOS, limits, token counts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from backends.detok import IncrementalDetokenizer
+from backends.stream import StopStringMatcher, TokenStream
+
+from tiny_models import build_tokenizer
+
+
+def run_matcher(stops, pieces):
+    m = StopStringMatcher(stops)
+    out = []
+    stopped = False
+    for p in pieces:
+        emit, stopped = m.feed(p)
+        out.append(emit)
+        if stopped:
+            break
+    if not stopped:
+        out.append(m.flush())
+    return "".join(out), stopped, out
+
+
+def test_stop_string_split_across_pieces():
+    text, stopped, out = run_matcher(["</end>"], ["Hello ", "wor", "ld</", "en", "d> trailing"])
+    assert stopped
+    assert text == "Hello world"
+    # "</" and "</en" were held back rather than emitted and taken back
+    assert all("<" not in piece for piece in out)
+
+
+def test_partial_match_that_fails_is_released():
+    text, stopped, _out = run_matcher(["STOP"], ["go ST", "O", "ay here"])
+    assert not stopped
+    assert text == "go STOay here"
+
+
+def test_held_tail_emitted_on_flush():
+    m = StopStringMatcher(["###"])
+    assert m.feed("abc#") == ("abc", False)
+    assert m.feed("#") == ("", False)
+    assert m.flush() == "##"
+
+
+def test_earliest_of_several_stops_wins():
+    text, stopped, _ = run_matcher(["world", "lo w"], ["Hello world"])
+    assert stopped
+    assert text == "Hel"
+
+
+def test_no_stops_passes_everything():
+    m = StopStringMatcher([])
+    assert m.feed("abc") == ("abc", False)
+    assert m.flush() == ""
+
+
+def test_after_stop_everything_is_dropped():
+    m = StopStringMatcher(["x"])
+    assert m.feed("axb") == ("a", True)
+    assert m.feed("more") == ("", True)
+    assert m.flush() == ""
+    assert m.matched == "x"
+
+
+def test_empty_stop_rejected():
+    with pytest.raises(ValueError, match="non-empty"):
+        StopStringMatcher(["ok", ""])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_stop_matcher_random_splits_match_reference(seed):
+    rng = random.Random(seed)
+    text = "alpha beta <|im_end|> gamma" if seed % 2 else "no stop in this text at all <|im_"
+    cuts = sorted(rng.sample(range(1, len(text)), 6))
+    pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    got, stopped, _ = run_matcher(["<|im_end|>"], pieces)
+    idx = text.find("<|im_end|>")
+    assert got == (text[:idx] if idx >= 0 else text)
+    assert stopped == (idx >= 0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+MULTIBYTE = "Emoji 😀👍🏽 and CJK 中文字符 ひらがな, naïve café 東京 🙂."
+
+
+def test_multibyte_chars_really_split_over_tokens(tokenizer):
+    ids = tokenizer.encode(MULTIBYTE, add_special_tokens=False)
+    partial = [i for i in ids if "\ufffd" in tokenizer.decode([i])]
+    assert len(partial) >= 8, "test text should contain characters spread over several byte tokens"
+
+
+def test_incremental_decode_never_emits_partial_chars(tokenizer):
+    ids = tokenizer.encode(MULTIBYTE, add_special_tokens=False)
+    det = IncrementalDetokenizer(tokenizer)
+    pieces = [det.add(i) for i in ids]
+    pieces.append(det.flush())
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == MULTIBYTE
+    # it streamed, not just emitted everything at the end
+    assert sum(1 for p in pieces if p) > 10
+
+
+def test_incremental_decode_after_prompt_and_special_tokens(tokenizer):
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi 東京"}], add_generation_prompt=True)
+    reply = "答え: 🙂 yes"
+    ids = [*tokenizer.encode(reply, add_special_tokens=False), tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    det = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids)
+    text = "".join(det.add(i) for i in ids) + det.flush()
+    assert text == reply
+    keep = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids, skip_special_tokens=False)
+    assert "".join(keep.add(i) for i in ids) + keep.flush() == reply + "<|im_end|>"
+
+
+def test_incomplete_char_at_end_comes_out_on_flush(tokenizer):
+    ids = tokenizer.encode("ok 😀", add_special_tokens=False)
+    det = IncrementalDetokenizer(tokenizer)
+    streamed = "".join(det.add(i) for i in ids[:-1])  # last byte of the emoji missing
+    assert "\ufffd" not in streamed
+    assert streamed.startswith("ok")
+    tail = det.flush()
+    assert tail.endswith("\ufffd")
+
+
+class ListDecoder:
+    """Token i decodes to pieces[i]; flush returns what was set as `held` (text a real decoder held back)."""
+
+    def __init__(self, pieces: list[str], held: str = "") -> None:
+        self.pieces, self.held = pieces, held
+
+    def add(self, token_id: int) -> str:
+        return self.pieces[token_id]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+def run(stream: TokenStream, tokens: list[int]) -> list:
+    chunks = []
+    for t in tokens:
+        chunks.append(stream.push(t))
+        if chunks[-1].finish_reason:
+            break
+    return chunks
+
+
+def test_token_stream_eos_counts_as_generated_and_emits_no_text():
+    from backends.base import SamplingParams
+
+    stream = TokenStream("r", 7, SamplingParams(max_new_tokens=10), eos_ids={99}, decoder=ListDecoder(["a", "b"]))
+    chunks = run(stream, [0, 1, 99])
+    assert [c.text for c in chunks] == ["a", "b", ""]
+    assert [c.finish_reason for c in chunks] == [None, None, "stop"]
+    assert chunks[-1].token_ids == [99] and stream.generated == [0, 1, 99]
+    assert all(c.prompt_tokens == 7 for c in chunks)
+    with pytest.raises(RuntimeError, match="after the stream finished"):
+        stream.push(0)
+
+
+def test_token_stream_length_releases_held_text_and_stop_across_chunks():
+    from backends.base import SamplingParams
+
+    pieces = ["Hel", "lo ", "EN", "D!", "x"]
+    held = TokenStream("r", 1, SamplingParams(max_new_tokens=2), set(), ListDecoder(pieces, held="~"))
+    chunks = run(held, [0, 1])
+    assert "".join(c.text for c in chunks) == "Hello ~" and chunks[-1].finish_reason == "length"
+
+    stop = TokenStream("r", 1, SamplingParams(max_new_tokens=10, stop=("END",)), set(), ListDecoder(pieces))
+    chunks = run(stop, [0, 1, 2, 3, 4])
+    assert "".join(c.text for c in chunks) == "Hello " and chunks[-1].finish_reason == "stop"
+    assert stop.generated == [0, 1, 2, 3]  # the token that completed the stop string counts; nothing after it
+
+
+def test_token_stream_cancel_and_error_drop_held_text():
+    from backends.base import SamplingParams
+
+    stream = TokenStream("r", 1, SamplingParams(max_new_tokens=10, stop=("xyz",)), set(), ListDecoder(["ab x"]))
+    assert stream.push(0).text == "ab "  # " x" could start the stop string: held back
+    last = stream.end("cancelled")
+    assert last.text == "" and last.finish_reason == "cancelled"
+    failed = TokenStream("r", 1, SamplingParams(), set(), ListDecoder([]))
+    chunk = failed.end("error", "device lost")
+    assert chunk.finish_reason == "error" and chunk.error == "device lost"
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 40])
+def test_both_backends_count_and_finish_the_same_generation_alike(tiny_llama, tmp_path, max_new_tokens):
+    """Same model, greedy: torch and onnxruntime-genai give the same text, token ids, count and finish reason."""
+    from backends.base import GenerationRequest, SamplingParams
+    from backends.ort_genai.backend import OrtGenaiBackend
+    from backends.torch.backend import TorchBackend
+    from plugin.export import export
+
+    exported = export(tiny_llama, target="cpu", precision="fp32", home=tmp_path, progress=False, parity=False)
+    results = {}
+    for name, backend in (
+        ("torch", TorchBackend(tiny_llama, device="cpu", dtype="fp32")),
+        ("onnxruntime-genai", OrtGenaiBackend(exported.path, device="cpu")),
+    ):
+        backend.load()
+        try:
+            request = GenerationRequest(
+                messages=[{"role": "user", "content": "The capital of France"}],
+                sampling=SamplingParams(max_new_tokens=max_new_tokens),
+            )
+            chunks = list(backend.generate(request))
+        finally:
+            backend.unload()
+        results[name] = (
+            "".join(c.text for c in chunks),
+            [t for c in chunks for t in c.token_ids],
+            chunks[-1].finish_reason,
+            chunks[-1].prompt_tokens,
+        )
+    assert results["torch"] == results["onnxruntime-genai"]
+    _, ids, finish, _ = results["torch"]
+    assert len(ids) <= max_new_tokens and finish in ("stop", "length")
