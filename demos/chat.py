@@ -134,13 +134,18 @@ def build_app(engine: Engine) -> gr.Blocks:
                 timer = gr.Timer(2.0)
         inputs = [box, chatbot, clean_history, policy, max_new, temperature, top_p]
         outputs = [chatbot, clean_history, box]
-        for trigger in (box.submit, send.click):
-            trigger(session.respond, inputs, outputs, concurrency_limit=None).then(
-                lambda: inventory_markdown(engine), None, inventory
-            )
-        stop.click(session.stop, None, None, queue=False)
-        clear.click(lambda: ([], []), None, [chatbot, clean_history])
-        timer.tick(lambda: inventory_markdown(engine), None, inventory)
+        # Named endpoints, so gradio_client users can call /chat, /stop, /new_chat and /inventory; the Enter
+        # key runs the same function as the Send button, so its copy is hidden from the API.
+        refresh = {"fn": lambda: inventory_markdown(engine), "inputs": None, "outputs": inventory}
+        send.click(session.respond, inputs, outputs, api_name="chat", concurrency_limit=None).then(
+            **refresh, api_visibility="private"
+        )
+        box.submit(session.respond, inputs, outputs, concurrency_limit=None, api_visibility="private").then(
+            **refresh, api_visibility="private"
+        )
+        stop.click(session.stop, None, None, queue=False, api_name="stop")
+        clear.click(lambda: ([], []), None, [chatbot, clean_history], api_name="new_chat")
+        timer.tick(**refresh, api_name="inventory")
     return app
 
 

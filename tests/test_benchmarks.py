@@ -220,6 +220,7 @@ def _stats(d: dict) -> None:
     assert set(d) == {"median", "min", "max", "n"} and d["n"] >= 1
 
 
+@pytest.mark.slow  # a whole benchmark run on a tiny model: smoke, seconds each
 def test_bench_backends_quick_writes_every_field(tiny_llama, accelserve_home, tmp_path):
     from benchmarks.bench_backends import main
 
@@ -249,6 +250,7 @@ def test_bench_backends_quick_writes_every_field(tiny_llama, accelserve_home, tm
     assert data["machine"]["cpu_model"] in md
 
 
+@pytest.mark.slow  # a whole benchmark run on a tiny model: smoke, seconds each
 def test_bench_backends_isolates_each_side_in_a_subprocess(tiny_llama, accelserve_home, tmp_path):
     from benchmarks.bench_backends import main
 
@@ -297,6 +299,7 @@ def test_bench_scheduler_simulation_through_the_cli(tiny_llama, accelserve_home,
     assert "results/scheduler_simulated_fleet_latency.png" in md
 
 
+@pytest.mark.slow  # a whole benchmark run on a tiny model: smoke, seconds each
 @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
 def test_bench_scheduler_live_replay_on_disjoint_cores(tiny_llama, accelserve_home, tmp_path):
@@ -318,6 +321,7 @@ def test_bench_scheduler_live_replay_on_disjoint_cores(tiny_llama, accelserve_ho
     assert all(r["error"] is None for r in rows)
 
 
+@pytest.mark.slow  # a whole benchmark run on a tiny model: smoke, seconds each
 def test_compute_variants_rewrite_only_accuracy_levels(tiny_llama, accelserve_home, tmp_path):
     """bench_vs_llamacpp --compute-variants: hard-linked copies whose 4-bit MatMulNBits levels match the label."""
     import onnx

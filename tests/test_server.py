@@ -367,13 +367,12 @@ def test_client_disconnect_cancels_generation_and_frees_the_slot(stack):
         time.sleep(0.02)
     assert request_id in backend.cancelled, "the backend never saw the cancel"
     assert next(s for s in slow.status() if s["device_id"] == "npu:0")["active"] == 0
-    # the freed slot (capacity 1) serves the next request at once, instead of after the 20 s reply
-    t0 = time.perf_counter()
+    # the freed slot (capacity 1) serves the next request, instead of it queueing behind the 20 s reply
     stream = stack.client().chat.completions.create(
         model="slow", messages=[{"role": "user", "content": "next"}], stream=True
     )
     assert next(iter(stream)).choices[0].delta.content
-    assert time.perf_counter() - t0 < 2
+    assert next(s for s in slow.status() if s["device_id"] == "npu:0")["waiting"] == 0
     stream.close()
     deadline = time.time() + 5
     while time.time() < deadline and next(s for s in slow.status() if s["device_id"] == "npu:0")["active"]:

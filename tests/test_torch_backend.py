@@ -157,9 +157,10 @@ def test_cancel_one_stream_leaves_others_intact(make_backend):
         t.start()
     cancelled = [next(streams[1]) for _ in range(5)]
     assert backend.cancel("r1") is True
-    t0 = time.perf_counter()
-    cancelled.extend(streams[1])
-    assert time.perf_counter() - t0 < 1.0
+    rest = list(streams[1])
+    assert rest[-1].finish_reason == "cancelled"
+    assert sum(len(c.token_ids) for c in rest) <= 1  # stopped within one decode step
+    cancelled.extend(rest)
     for t in threads:
         t.join(timeout=30)
 

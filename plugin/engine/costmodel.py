@@ -10,9 +10,8 @@ Profile defaults (effective figures, well under the datasheet peaks, because HF-
 and dynamic-shape ONNX graphs do not reach peak):
 
 - CPU: 4 GB/s of weight streaming and 30 GFLOP/s per physical core (capped at 60 GB/s, a dual-channel
-  DDR5 desktop's achievable bandwidth), 1 ms per step. Checked on this project's 2-core AVX-512 test
-  machine: SmolLM2-135M int4 (76 MB of weights) was measured at ~95 tok/s with onnxruntime-genai;
-  the profile predicts 1 / (76 MB / 8 GB/s + 1 ms) ≈ 95 tok/s.
+  DDR5 desktop's achievable bandwidth), 1 ms per step. A prior, deliberately rough: the first
+  measured request replaces it (what this machine really does is in benchmarks/RESULTS.md).
 - GPU: 600 GB/s and 40 TFLOP/s effective, 12 ms per step. Datasheets: NVIDIA A100 has 1,555 GB/s and
   312 TFLOP/s dense BF16, an RTX 4090 1,008 GB/s; transformers' eager `generate` reaches roughly
   half the bandwidth and pays kernel-launch and Python overhead on every step, which dominates for
@@ -22,15 +21,16 @@ and dynamic-shape ONNX graphs do not reach peak):
   reports about 650 tokens/s prompt processing and about 20 tokens/s generation at about 1.5 W:
   1.9 GB / 40 GB/s + 5 ms ≈ 20 tok/s, and 4 TFLOP/s / 6.6 GFLOP ≈ 600 tok/s.
 - Simulated devices run on the CPU, so they get the CPU's profile (and its watts).
+- An emulated NPU (Qualcomm's HTP emulator on x86-64) gets the emulator's own, very slow profile.
 
 Power (used by the energy policy): CPU 8 W per busy physical core, capped at 65 W (desktop TDPs are
 35–125 W, laptop 15–45 W); GPU 250 W (A100 PCIe board power; an RTX 4090 is rated 450 W); NPU 2 W
 (Phi Silica's ~1.5 W plus memory traffic).
 
 Measured requests update the rates with an exponential moving average (``alpha`` weight on the new
-sample; the first sample replaces the prior) and are persisted as JSON in
-``accelserve_home()/costmodel.json`` with an atomic replace, so the next run starts from what this
-machine really did. All methods are thread-safe.
+sample; the first sample replaces the prior); `save()` persists them as JSON in
+``accelserve_home()/costmodel.json`` with an atomic replace (the engine calls it on a worker thread),
+so the next run starts from what this machine really did. All methods are thread-safe.
 """
 
 from __future__ import annotations
@@ -155,6 +155,7 @@ class CostModel:
         self._lock = threading.Lock()
         # device key -> model name -> precision -> {"prefill_tps", "decode_tps", "*_samples", "updated"}
         self._entries: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+        self._dirty = False
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -226,7 +227,7 @@ class CostModel:
         precision: str | None = None,
         simulated: bool | None = None,
     ) -> None:
-        """Fold one served request's measured rates in, and persist. Missing/invalid rates are skipped.
+        """Fold one served request's measured rates in (memory only; `save` persists). Invalid rates are skipped.
 
         Pass the DeviceInfo (or `simulated` and `precision` with a device id) so rates stay apart per
         precision and simulated devices never pollute a real device's history.
@@ -252,8 +253,19 @@ class CostModel:
             entry.setdefault("prefill_tps", None)
             entry.setdefault("decode_tps", None)
             entry["updated"] = time.time()
-            if self.path is not None:  # under the lock, so an older snapshot never overwrites a newer one
-                self._write(self._snapshot_locked())
+            self._dirty = True
+
+    def save(self) -> bool:
+        """Persist the rates if anything changed since the last save; True when it wrote the file.
+
+        File I/O, so the engine calls it on a worker thread, never on its event loop.
+        """
+        with self._lock:  # held while writing, so an older snapshot never overwrites a newer one
+            if self.path is None or not self._dirty:
+                return False
+            self._write(self._snapshot_locked())
+            self._dirty = False
+            return True
 
     def to_dict(self) -> dict[str, Any]:
         with self._lock:

@@ -180,6 +180,7 @@ class Engine:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._save_costs()  # whatever the last requests measured
 
     def __enter__(self) -> Engine:
         return self
@@ -500,19 +501,23 @@ class Engine:
         self._loop.create_task(wake())
 
     def _observe(self, placement: Placement, metrics: RequestMetrics) -> None:
-        """Feed measured rates back into the cost model the scheduler predicts with."""
+        """Feed measured rates back into the cost model the scheduler predicts with (saved off the loop)."""
         device = next(d for d in self.devices if d.id == placement.device_id)
         if device.kind != placement.device:
             return  # a provider fell back to another kind of silicon: these rates are not this device's
         prefill_tps = metrics.prompt_tokens / metrics.ttft_s if metrics.ttft_s and metrics.prompt_tokens else None
+        self.costs.observe(
+            device,
+            self.model.profile,
+            prefill_tps=prefill_tps,
+            decode_tps=metrics.tokens_per_s,
+            precision=placement.precision,
+        )
+        self._loop.run_in_executor(self._pool, self._save_costs)
+
+    def _save_costs(self) -> None:
         try:
-            self.costs.observe(
-                device,
-                self.model.profile,
-                prefill_tps=prefill_tps,
-                decode_tps=metrics.tokens_per_s,
-                precision=placement.precision,
-            )
+            self.costs.save()
         except OSError as e:  # a read-only cache must not fail the request that was served
             log.warning("could not persist measured rates: %s", e)
 
