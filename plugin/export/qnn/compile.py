@@ -131,6 +131,8 @@ def compile_context(model: Path, ctx_path: Path, provider_options: dict[str, str
     try:
         htp_session(model, provider_options, config)
     except Exception as e:
+        for leftover in [ctx_path, *ctx_path.parent.glob(f"{ctx_path.stem}*.bin")]:
+            leftover.unlink(missing_ok=True)  # QNN may have written part of the context model
         refusals, _ = diagnose(model, provider_options)
         if refusals:
             shown = "; ".join(str(r) for r in refusals[:8])

@@ -158,8 +158,13 @@ def build_pipeline_config(
     }
 
 
-def cpu_overlay(config: dict[str, Any], context_file: str, iterator_file: str) -> dict[str, Any]:
-    """A copy of `config` whose transformer graphs run on the CPU provider (the QDQ graphs, not the binaries)."""
+def cpu_config(config: dict[str, Any], context_file: str, iterator_file: str) -> dict[str, Any]:
+    """A copy of `config` whose transformer graphs run on the CPU provider (the QDQ graphs, not the binaries).
+
+    A whole config to write beside the files (e.g. in a folder of links to them), not an `og.Config`
+    overlay: an overlay merges into the stage's session_options and cannot drop the QNN provider or the
+    fallback switch.
+    """
     import copy
 
     out = copy.deepcopy(config)
