@@ -7,8 +7,9 @@
 Steps: hash source -> Optimum export (fp32) -> precision conversion -> tokenizer + genai_config ->
 parity check -> manifest -> atomic publish into `<home>/exports/<key>`. See cache.py for the key and
 the lock, targets.py for what each execution provider can load, parity.py for the thresholds.
-int4/fp32 exports for cpu/npu targets build the fused graph instead of the Optimum graph + conversion
+int4/fp32 exports for the cpu target build the fused graph instead of the Optimum graph + conversion
 (`graph="auto"`, fused.py); architectures it cannot take fall back to the plain path with the reason.
+The npu target builds a static-shape QDQ pipeline compiled for Qualcomm's QNN HTP (`graph="qnn"`, qnn/).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from plugin.export.targets import (
     check_target,
     provider_options_for,
     providers_report,
+    qnn_providers_report,
 )
 
 __all__ = [
@@ -146,8 +148,16 @@ def _build(
     symmetric: bool,
     timer: StepTimer,
     graph: str = "plain",
+    qnn_shape: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Fill `tmp` with a complete export (minus manifest); return manifest fields it learned."""
+    if graph == "qnn":
+        from plugin.export.qnn.build import build_qnn_package
+
+        window, context_length = qnn_shape or (0, 0)
+        return build_qnn_package(
+            source, tmp, precision, window=window, context_length=context_length, block_size=block_size, timer=timer
+        )
     from plugin.export.genai_config import write_genai_config
     from plugin.export.optimum_step import optimum_export
     from plugin.export.quantize import convert_precision
@@ -230,6 +240,8 @@ def export(
     home: Path | None = None,
     progress: bool = True,
     graph: str = "auto",
+    context_length: int | None = None,
+    window: int | None = None,
 ) -> ExportedModel:
     """Export `model_ref` for onnxruntime-genai on `target` at `precision`, through the cache.
 
@@ -237,15 +249,26 @@ def export(
     cache folder that fails verification is rebuilt with a warning. With `output`, the verified cache
     folder is copied there and `path` points at it. Raises ExportError with a user-ready message.
     `graph`: "fused" (ORT contrib-op graph, fused.py), "plain" (Optimum graph + MatMulNBits) or "auto"
-    (fused for int4/fp32 on cpu/npu; architectures it cannot take fall back to plain, reason logged).
+    (fused for int4/fp32 on cpu; architectures it cannot take fall back to plain, reason logged) or "qnn"
+    (what "auto" means for target "npu": the QNN HTP pipeline, qnn/). `context_length` (default 1024) and
+    `window` (prefill window, default 64) shape the HTP pipeline and are part of its cache key.
     """
     from plugin.export.fused import graph_key_options, resolve_graph
+    from plugin.export.qnn import DEFAULT_CONTEXT_LENGTH, DEFAULT_WINDOW, check_qnn_request, qnn_key_options
 
     check_target(target, precision)
-    graph = resolve_graph(graph, target, precision)
+    if graph == "qnn" and target != "npu":
+        raise ExportError(f"graph='qnn' (the QNN HTP pipeline) is built for target 'npu', not {target!r}")
+    graph = "qnn" if target == "npu" and graph in ("auto", "qnn") else resolve_graph(graph, target, precision)
+    if graph != "qnn" and (context_length is not None or window is not None):
+        raise ExportError("context_length and window shape the NPU (QNN HTP) pipeline; use them with target 'npu'")
+    qnn_shape = (window or DEFAULT_WINDOW, context_length or DEFAULT_CONTEXT_LENGTH)
     home_dir = _home(home)
     source, name, ref = _resolve(model_ref, home_dir)
-    arch = check_architecture(_read_hf_config(source), source)
+    hf_config = _read_hf_config(source)
+    arch = check_architecture(hf_config, source)
+    if graph == "qnn":
+        check_qnn_request(hf_config, precision, *qnn_shape)
     if precision in ("int4", "int8") and (block_size < 16 or block_size & (block_size - 1)):
         raise ExportError(f"block_size must be a power of two >= 16 (got {block_size}); 32 or 128 are typical")
 
@@ -255,7 +278,7 @@ def export(
     with timer.step("hash_source", "hashing source checkpoint"):
         source_hash = cache.hash_source(source, memo=root / cache.HASH_MEMO)
     options = {"block_size": block_size, "symmetric": symmetric} if precision in ("int4", "int8") else {}
-    options.update(graph_key_options(graph, precision))
+    options.update(qnn_key_options(*qnn_shape) if graph == "qnn" else graph_key_options(graph, precision))
     versions = _versions()
     key = cache.compute_key(name, target, precision, source_hash, options, versions)
     final = root / key
@@ -275,10 +298,10 @@ def export(
         if not cache_hit:
             tmp = cache.new_tmp_dir(root, key)
             try:
-                learned = _build(source, tmp, target, precision, block_size, symmetric, timer, graph)
+                learned = _build(source, tmp, target, precision, block_size, symmetric, timer, graph, qnn_shape)
                 parity_report = None
                 if parity:
-                    parity_report = _run_parity(tmp, source, precision, timer)
+                    parity_report = _run_parity(tmp, source, precision, timer, graph)
                 manifest = {
                     "manifest_version": cache.MANIFEST_VERSION,
                     "key": key,
@@ -289,7 +312,7 @@ def export(
                     "options": options,
                     "versions": versions,
                     **learned,
-                    "providers": providers_report(precision),
+                    "providers": qnn_providers_report() if graph == "qnn" else providers_report(precision),
                     "parity": parity_report,
                     "timings_s": dict(timer.timings),
                     "created_unix": int(time.time()),
@@ -303,7 +326,7 @@ def export(
                 raise
         manifest = cache.read_manifest(final) or {}
         if cache_hit and parity and manifest.get("parity") is None:
-            manifest["parity"] = _run_parity(final, source, precision, timer)
+            manifest["parity"] = _run_parity(final, source, precision, timer, graph)
             manifest["timings_s"] = {**manifest.get("timings_s", {}), "parity": timer.timings["parity"]}
             cache.write_manifest(final, manifest)
 
@@ -315,8 +338,13 @@ def export(
     return ExportedModel(path, target, precision, key, manifest, cache_hit)
 
 
-def _run_parity(folder: Path, source: Path, precision: str, timer: StepTimer) -> dict[str, Any]:
+def _run_parity(folder: Path, source: Path, precision: str, timer: StepTimer, graph: str = "") -> dict[str, Any]:
     from plugin.export.parity import run_parity
+
+    if graph == "qnn":
+        from plugin.export.qnn.build import run_qnn_parity
+
+        return run_qnn_parity(folder, source, precision, timer)
 
     with timer.step("parity", "parity check against torch"):
         report = run_parity(folder, source, precision)

@@ -178,3 +178,26 @@ def providers_report(precision: str) -> dict[str, dict[str, Any]]:
             s = provider_support(p, precision, d)
             report[f"{p}:{d}" if d else p] = {"loads": s.loads, "reason": s.reason}
     return report
+
+
+def qnn_providers_report() -> dict[str, dict[str, Any]]:
+    """Per provider for an HTP pipeline (target npu, graph qnn): where this folder loads and why."""
+    qnn = (
+        "the context/iterator graphs are compiled QNN HTP binaries (EP-context); embeddings and lm_head run on the CPU"
+    )
+    static = "a static-shape QDQ decoder-pipeline compiled for QNN HTP"
+    report = {
+        "qnn": {"loads": True, "reason": qnn},
+        "cpu": {
+            "loads": True,
+            "reason": "the QDQ graphs beside the binaries (*.qdq.onnx) run on the CPU provider when the "
+            "config's context/iterator filenames point at them (slow; a fallback and a parity reference)",
+        },
+        "VitisAI": provider_support("VitisAI", "int4").__dict__,
+        "OpenVINO:NPU": {"loads": False, "reason": f"{static}; OpenVINO's NPU compiles its own IR with its driver"},
+    }
+    for p in ("cuda", "dml"):
+        report[p] = {"loads": False, "reason": f"{static}; GPU providers take the gpu target's export"}
+    for k in report.values():
+        k.pop("provider", None)
+    return report

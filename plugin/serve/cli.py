@@ -74,6 +74,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         symmetric=not args.asymmetric,
         parity=not args.no_parity,
         graph=args.graph,
+        context_length=args.context_length,
+        window=args.window,
     )
     if args.json:
         print(json.dumps({"path": str(exported.path), "cache_hit": exported.cache_hit, **exported.manifest}, indent=2))
@@ -201,10 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-parity", action="store_true", help="skip the parity check against torch")
     p.add_argument(
         "--graph",
-        choices=("auto", "fused", "plain"),
+        choices=("auto", "fused", "plain", "qnn"),
         default="auto",
-        help="fused ORT contrib-op graph (fast) or the plain Optimum graph; auto = fused where supported",
+        help="fused ORT contrib-op graph (fast), the plain Optimum graph, or the QNN HTP pipeline; "
+        "auto = qnn for --target npu, fused where supported otherwise",
     )
+    p.add_argument(
+        "--context-length", type=int, help="npu: tokens of the static KV buffer (default 1024; part of the cache key)"
+    )
+    p.add_argument("--window", type=int, help="npu: static prefill window of the context graph (default 64)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
