@@ -359,7 +359,7 @@ def test_qnn_ep_missing_package_names_the_fix(monkeypatch):
 
 
 def test_cli_export_takes_context_length_and_window(tiny_llama, accelserve_home, capsys):
-    from plugin.cli import main
+    from plugin.serve.cli import main
 
     code = main(
         [

@@ -142,6 +142,7 @@ class OrtGenaiBackend:
         self._encoder: PromptEncoder | None = None
         self._eos_ids: frozenset[int] = frozenset()
         self._context_length = 0
+        self._window = 0  # a static-shape pipeline's prefill window (the prompt is padded to a multiple of it)
         self._precision = "unknown"
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
@@ -178,6 +179,8 @@ class OrtGenaiBackend:
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         eos_ids.update(genai_eos)
         self._context_length = int(model_cfg.get("context_length") or config.get("search", {}).get("max_length") or 0)
+        window = (model_cfg.get("decoder", {}).get("sliding_window") or {}).get("window_size")
+        self._window = int(window) if window else 0
         if self._context_length <= 0:
             raise BackendError(f"{self.model_dir}/genai_config.json has no model.context_length; re-export the model")
         self._precision = detect_precision(self.model_dir)
@@ -249,10 +252,12 @@ class OrtGenaiBackend:
     def generate(self, request: GenerationRequest) -> Iterator[TokenChunk]:
         """Stream the reply. Bad input (context overflow, template errors) raises here, before any work."""
         ids = self.encode(request)
-        limit = len(ids) + request.sampling.max_new_tokens
+        span = self._prompt_span(len(ids))
+        limit = span + request.sampling.max_new_tokens
         if limit > self._context_length:
+            padded = f", padded to {span} for the {self._window}-token prefill window" if span != len(ids) else ""
             raise ContextOverflowError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({request.sampling.max_new_tokens}) = {limit} "
+                f"prompt ({len(ids)} tokens{padded}) + max_new_tokens ({request.sampling.max_new_tokens}) = {limit} "
                 f"exceeds the model's context length {self._context_length}; shorten the prompt or lower max_new_tokens"
             )
         state = _Active()
@@ -261,6 +266,12 @@ class OrtGenaiBackend:
                 raise ValueError(f"request_id {request.request_id!r} is already generating; use a unique id")
             self._active[request.request_id] = state
         return self._stream(request, ids, state)
+
+    def _prompt_span(self, n_prompt: int) -> int:
+        """KV positions the prompt takes: a static-shape pipeline prefills whole windows, padding included."""
+        if not self._window:
+            return n_prompt
+        return -(-n_prompt // self._window) * self._window
 
     def cancel(self, request_id: str) -> bool:
         """Stop a running request within one decode step; False when no such request runs."""
@@ -289,7 +300,7 @@ class OrtGenaiBackend:
             yield stream.end("cancelled")
             return
         params = og.GeneratorParams(model)
-        params.set_search_options(**search_options(sampling, len(ids) + sampling.max_new_tokens))
+        params.set_search_options(**search_options(sampling, self._prompt_span(len(ids)) + sampling.max_new_tokens))
         try:
             generator = og.Generator(model, params)
             generator.append_tokens(ids)  # prefill runs here
