@@ -487,7 +487,7 @@ def prepare_path(config: Config, model: Any, home: Path | None) -> Path:
         if model.source != "default":
             raise ValueError("llama.cpp is compared on the default model's GGUF only; pass --model default")
         return default_model_gguf()
-    from plugin.export import export
+    from plugin.convert import export
 
     return export(model.path, target="cpu", precision=config.precision, parity=False, home=home, progress=False).path
 

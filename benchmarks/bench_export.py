@@ -26,7 +26,7 @@ PROMPT = "<|im_start|>user\nWrite a short story about a robot learning to paint.
 
 
 def _target(precision: str) -> str:
-    return "gpu" if precision == "fp16" else "npu"
+    return "gpu" if precision == "fp16" else "cpu"
 
 
 def measure_decode(folder: Path, new_tokens: int, runs: int) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
-    from plugin.export import export
+    from plugin.convert import export
 
     rows = []
     for precision in args.precisions:

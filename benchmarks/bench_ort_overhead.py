@@ -51,7 +51,7 @@ def resolve_model(model: str, target: str, precision: str) -> Path:
     folder = Path(model)
     if (folder / "genai_config.json").is_file():
         return folder
-    from plugin.export import export
+    from plugin.convert import export
 
     if model == "tiny":
         sys.path.insert(0, str(ROOT / "tests"))

@@ -177,7 +177,7 @@ class PinnedFactory:
     def _build(model: Any, placement: Any, device: Any) -> Any:
         if placement.backend == "onnxruntime-genai":
             from backends.ort_genai.backend import OrtGenaiBackend
-            from plugin.export import export
+            from plugin.convert import export
 
             folder = export(model.path, target=device.kind, precision=placement.precision, progress=False).path
             return OrtGenaiBackend(folder, device=device.kind, simulated=device.simulated, num_threads=1)

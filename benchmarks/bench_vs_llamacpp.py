@@ -221,7 +221,7 @@ def prepare(engines: list[str], threads: int, new_tokens: int) -> tuple[list[int
     """Export (through the cache), find the GGUF, tokenize the chat prompt; one spec per engine."""
     from transformers import AutoTokenizer
 
-    from plugin.export import export
+    from plugin.convert import export
     from plugin.models.resolve import default_model_gguf, resolve_model
 
     source = Path(resolve_model("default").path)
@@ -232,7 +232,7 @@ def prepare(engines: list[str], threads: int, new_tokens: int) -> tuple[list[int
     for engine in engines:
         spec = {**base, "engine": engine}
         if engine in ("fused", "plain"):
-            exported = export("default", target="npu", precision="int4", graph=engine, progress=True)
+            exported = export("default", target="cpu", precision="int4", graph=engine, progress=True)
             if exported.manifest.get("graph", {}).get("built") != engine:
                 raise SystemExit(f"export built {exported.manifest.get('graph')} for graph={engine}")
             spec.update(folder=str(exported.path), disk_mb=_onnx_size(exported.path), key=exported.key)
@@ -261,7 +261,7 @@ def compute_variants(folder: Path, work: Path) -> dict[str, Path]:
     """Copies of an int4 export (hard links; model.onnx rewritten) with other accuracy levels, by label."""
     import onnx
 
-    from plugin.export.fused_memory import set_fp32_compute
+    from plugin.convert.fused_memory import set_fp32_compute
 
     out: dict[str, Path] = {}
     for i, (label, parts) in enumerate(COMPUTE_VARIANTS.items()):
@@ -282,7 +282,7 @@ def compute_variants(folder: Path, work: Path) -> dict[str, Path]:
 
 
 def agreement(folder: Path, source: Path) -> float | None:
-    from plugin.export.parity import run_parity
+    from plugin.convert.parity import run_parity
 
     return run_parity(folder, source, "int4").top1_agreement
 

@@ -8,7 +8,7 @@
     async for chunk in engine.achat(messages): ...
 
     import plugin
-    plugin.export("default", target="npu", precision="int4")   # Optimum ONNX -> int4 -> onnxruntime-genai folder
+    plugin.export("default", target="npu", precision="int4")   # static QDQ pipeline compiled for QNN HTP (w4a16)
     plugin.discover_devices()                                  # GPUs, NPUs, CPU (+ simulated ones)
 
 Names are imported on first use, so `import plugin` stays fast (torch loads only when needed).
@@ -17,6 +17,7 @@ Names are imported on first use, so `import plugin` stays fast (torch loads only
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -29,8 +30,8 @@ _EXPORTS: dict[str, str] = {
     "EngineError": "plugin.engine.engine",
     "Overloaded": "plugin.engine.engine",
     "NoDeviceAvailable": "plugin.engine.engine",
-    "ExportedModel": "plugin.export",
-    "ExportError": "plugin.export",
+    "ExportedModel": "plugin.convert",
+    "ExportError": "plugin.convert",
     "resolve_model": "plugin.models.resolve",
     "ResolvedModel": "plugin.models.resolve",
     "ModelSourceError": "plugin.models.resolve",
@@ -71,6 +72,7 @@ __all__ = [
 if TYPE_CHECKING:
     from backends.base import GenerationRequest, SamplingParams
     from backends.profile import ModelProfile
+    from plugin.convert import ExportedModel, ExportError
     from plugin.engine.devices import DeviceInfo, discover_devices
     from plugin.engine.engine import (
         ChatChunk,
@@ -82,13 +84,21 @@ if TYPE_CHECKING:
         RequestMetrics,
     )
     from plugin.engine.scheduler import Placement, PlacementError, place
-    from plugin.export import ExportedModel, ExportError
     from plugin.models.resolve import ModelSourceError, ResolvedModel, resolve_model
 
 
+def export(model_ref: str | Path, target: str = "npu", precision: str = "int4", **options: Any) -> ExportedModel:
+    """Convert a model for onnxruntime-genai on `target` (npu: the QNN HTP pipeline; cpu; gpu), through the cache.
+
+    The whole pipeline and its options are plugin.convert.export (output, force, block_size, graph,
+    context_length, window, ...).
+    """
+    from plugin.convert import export as convert_export
+
+    return convert_export(model_ref, target, precision, **options)
+
+
 def __getattr__(name: str) -> Any:
-    if name == "export":  # the subpackage is callable: plugin.export(...) == plugin.export.export(...)
-        return importlib.import_module("plugin.export")
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'plugin' has no attribute {name!r}")

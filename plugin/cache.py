@@ -7,6 +7,7 @@ leaves either nothing or a complete entry, never a half-written one that looks f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,6 +23,16 @@ from filelock import FileLock, Timeout
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".accelserve-complete.json"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Content hash of one file, read in 1 MiB chunks (the one hasher of every cache)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def is_complete(folder: Path) -> bool:

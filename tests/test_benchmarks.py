@@ -327,9 +327,9 @@ def test_compute_variants_rewrite_only_accuracy_levels(tiny_llama, accelserve_ho
     import onnx
 
     from benchmarks.bench_vs_llamacpp import COMPUTE_VARIANTS, compute_variants
-    from plugin.export import export
+    from plugin.convert import export
 
-    exported = export(tiny_llama, home=accelserve_home, target="npu", precision="int4", progress=False)
+    exported = export(tiny_llama, home=accelserve_home, target="cpu", precision="int4", progress=False)
     variants = compute_variants(exported.path, tmp_path / "work")
     assert list(variants) == list(COMPUTE_VARIANTS)
     for label, folder in variants.items():

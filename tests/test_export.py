@@ -9,10 +9,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-import plugin.export.optimum_step as optimum_step
-from plugin.export import SUPPORTED_ARCHITECTURES, ExportError, export, provider_options_for, verify_export
-from plugin.export.genai_config import read_graph_io
-from plugin.export.parity import PROMPTS
+import plugin.convert.optimum_step as optimum_step
+from plugin.convert import SUPPORTED_ARCHITECTURES, ExportError, export, provider_options_for, verify_export
+from plugin.convert.genai_config import read_graph_io
+from plugin.convert.parity import PROMPTS
 
 from tiny_models import build_tokenizer
 
@@ -48,9 +48,9 @@ def test_fp32_export_matches_torch_exactly(arch, tiny_model_factory, accelserve_
 def test_int4_export_runs_and_writes_sane_manifest(arch, tiny_model_factory, accelserve_home):
     import onnxruntime_genai as og
 
-    exported = _export(tiny_model_factory(arch), accelserve_home, target="npu", precision="int4")
+    exported = _export(tiny_model_factory(arch), accelserve_home, target="cpu", precision="int4")
     m = exported.manifest
-    assert m["precision"] == "int4" and m["target"] == "npu" and m["architecture"] == arch
+    assert m["precision"] == "int4" and m["target"] == "cpu" and m["architecture"] == arch
     assert m["quantization"]["bits"] == 4 and m["quantization"]["block_size"] == 32
     assert m["quantization"]["symmetric"] is True and m["quantization"]["quantized_matmuls"] > 0
     graph = onnx.load(str(exported.path / "model.onnx"), load_external_data=False)
@@ -106,22 +106,22 @@ def test_chat_template_and_tokenizer_read_by_onnxruntime_genai(tiny_llama, accel
 
 
 def test_cache_hit_and_output_copy(tiny_llama, accelserve_home, tmp_path, monkeypatch):
-    first = _export(tiny_llama, accelserve_home, target="npu", precision="int4")
+    first = _export(tiny_llama, accelserve_home, target="cpu", precision="int4")
     assert not first.cache_hit and first.path.parent == accelserve_home / "exports"
 
     def no_export(*a, **k):
         raise AssertionError("a cache hit must not export again")
 
     monkeypatch.setattr(optimum_step, "optimum_export", no_export)
-    again = _export(tiny_llama, accelserve_home, target="npu", precision="int4")
+    again = _export(tiny_llama, accelserve_home, target="cpu", precision="int4")
     assert again.cache_hit and again.path == first.path and again.key == first.key
     out = tmp_path / "my-export"
-    copied = _export(tiny_llama, accelserve_home, target="npu", precision="int4", output=out)
+    copied = _export(tiny_llama, accelserve_home, target="cpu", precision="int4", output=out)
     assert copied.cache_hit and copied.path == out.resolve() and verify_export(out) == []
     assert json.loads((out / "manifest.json").read_text())["key"] == first.key
     # other options are other keys
     monkeypatch.undo()
-    other = _export(tiny_llama, accelserve_home, target="npu", precision="int4", block_size=64, parity=False)
+    other = _export(tiny_llama, accelserve_home, target="cpu", precision="int4", block_size=64, parity=False)
     assert other.key != first.key
 
 
@@ -129,7 +129,7 @@ def test_damaged_cache_folder_is_rebuilt(tiny_llama, accelserve_home, caplog):
     first = _export(tiny_llama, accelserve_home, target="cpu", precision="fp32", parity=False)
     data = first.path / "model.onnx.data"
     data.write_bytes(data.read_bytes()[:100])  # truncated weights
-    with caplog.at_level(logging.WARNING, logger="plugin.export"):
+    with caplog.at_level(logging.WARNING, logger="plugin.convert"):
         rebuilt = _export(tiny_llama, accelserve_home, target="cpu", precision="fp32", parity=False)
     assert not rebuilt.cache_hit and verify_export(rebuilt.path) == []
     assert any("damaged" in r.message and "model.onnx.data" in r.message for r in caplog.records)
@@ -160,20 +160,20 @@ def test_output_refuses_foreign_folder(tiny_llama, accelserve_home, tmp_path):
 
 
 def test_failed_export_leaves_nothing_finished(tiny_llama, accelserve_home, monkeypatch):
-    import plugin.export.quantize as quantize
+    import plugin.convert.quantize as quantize
 
     def boom(*a, **k):
         raise RuntimeError("killed mid-quantization")
 
     monkeypatch.setattr(quantize, "convert_precision", boom)
     with pytest.raises(RuntimeError, match="killed"):
-        _export(tiny_llama, accelserve_home, target="npu", precision="int4")
+        _export(tiny_llama, accelserve_home, target="cpu", precision="int4")
     exports = accelserve_home / "exports"
     assert [p.name for p in exports.iterdir() if not p.name.startswith(".")] == []
     assert list(exports.rglob("manifest.json")) == []
     assert list(exports.glob(".tmp-*")) == []
     monkeypatch.undo()
-    ok = _export(tiny_llama, accelserve_home, target="npu", precision="int4", parity=False)
+    ok = _export(tiny_llama, accelserve_home, target="cpu", precision="int4", parity=False)
     assert not ok.cache_hit and verify_export(ok.path) == []
 
 

@@ -11,14 +11,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import plugin.export.fused as fused
-from plugin.export import ExportError, export, verify_export
-from plugin.export.builder_worker import (
+import plugin.convert.fused as fused
+from plugin.convert import ExportError, export, verify_export
+from plugin.convert.builder_worker import (
     TRANSFORMERS_5_ONLY,
     install_transformers_placeholders,
     normalize_rope_config,
 )
-from plugin.export.parity import PROMPTS
+from plugin.convert.parity import PROMPTS
 
 FUSED_ARCHS = ("llama", "qwen2", "mistral", "phi3")
 STORY = "<|im_start|>user\nTell me a story about a lighthouse.<|im_end|>\n<|im_start|>assistant\n"
@@ -74,7 +74,7 @@ def test_fp32_fused_graph_gives_torch_greedy_tokens(arch, tiny_model_factory, ac
 
 
 def test_int4_fused_graph_packs_and_quantizes(tiny_llama, accelserve_home):
-    exported = _export(tiny_llama, accelserve_home, target="npu", precision="int4")
+    exported = _export(tiny_llama, accelserve_home, target="cpu", precision="int4")
     m = exported.manifest
     assert m["graph"]["built"] == "fused"
     q = m["quantization"]
@@ -112,8 +112,8 @@ def test_int4_fused_graph_packs_and_quantizes(tiny_llama, accelserve_home):
 
 
 def test_architecture_without_fused_support_falls_back_with_reason(tiny_model_factory, accelserve_home, caplog):
-    with caplog.at_level(logging.WARNING, logger="plugin.export.fused"):
-        exported = _export(tiny_model_factory("gpt2"), accelserve_home, target="npu", precision="int4")
+    with caplog.at_level(logging.WARNING, logger="plugin.convert.fused"):
+        exported = _export(tiny_model_factory("gpt2"), accelserve_home, target="cpu", precision="int4")
     g = exported.manifest["graph"]
     assert g["requested"] == "fused" and g["built"] == "plain" and "'gpt2'" in g["fallback_reason"]
     assert any("plain Optimum graph" in r.getMessage() and "gpt2" in r.getMessage() for r in caplog.records)
@@ -126,7 +126,7 @@ def test_builder_failure_falls_back_to_plain(tiny_llama, accelserve_home, monkey
         raise ExportError("onnxruntime-genai's model builder failed (exit 1): simulated")
 
     monkeypatch.setattr(fused, "run_builder", broken)
-    with caplog.at_level(logging.WARNING, logger="plugin.export.fused"):
+    with caplog.at_level(logging.WARNING, logger="plugin.convert.fused"):
         exported = _export(tiny_llama, accelserve_home, target="cpu", precision="fp32")
     g = exported.manifest["graph"]
     assert g["built"] == "plain" and "simulated" in g["fallback_reason"]
@@ -135,9 +135,9 @@ def test_builder_failure_falls_back_to_plain(tiny_llama, accelserve_home, monkey
 
 
 def test_graph_choice_is_part_of_the_cache_key(tiny_llama, accelserve_home):
-    a = _export(tiny_llama, accelserve_home, target="npu", precision="int4", parity=False)
-    b = _export(tiny_llama, accelserve_home, target="npu", precision="int4", parity=False, graph="plain")
-    c = _export(tiny_llama, accelserve_home, target="npu", precision="int4", parity=False, graph="fused")
+    a = _export(tiny_llama, accelserve_home, target="cpu", precision="int4", parity=False)
+    b = _export(tiny_llama, accelserve_home, target="cpu", precision="int4", parity=False, graph="plain")
+    c = _export(tiny_llama, accelserve_home, target="cpu", precision="int4", parity=False, graph="fused")
     assert a.key != b.key and a.key == c.key and c.cache_hit and not b.cache_hit
     assert a.manifest["graph"]["built"] == "fused" and b.manifest["graph"]["built"] == "plain"
     assert "GroupQueryAttention" in _ops(a.path) and "GroupQueryAttention" not in _ops(b.path)
@@ -234,8 +234,8 @@ def test_default_model_fused_int4_smaller_and_as_accurate_as_plain(tmp_path):
     Which of the two decodes faster is a speed question: benchmarks/bench_vs_llamacpp.py measures it side by
     side (rows `fused` and `plain`); a test never asserts a speed ratio, which differs between CPUs.
     """
-    fused_int4 = export("default", target="npu", precision="int4", progress=False)
-    plain_int4 = export("default", target="npu", precision="int4", graph="plain", progress=False)
+    fused_int4 = export("default", target="cpu", precision="int4", progress=False)
+    plain_int4 = export("default", target="cpu", precision="int4", graph="plain", progress=False)
     assert fused_int4.manifest["graph"]["built"] == "fused"
     fp, pp = fused_int4.manifest["parity"], plain_int4.manifest["parity"]
     assert fp["tokenizer_match"] is True

@@ -6,13 +6,13 @@ import multiprocessing as mp
 import os
 from pathlib import Path
 
-from plugin.export import export, verify_export
+from plugin.convert import export, verify_export
 
 
 def _export_in_child(src: str, home: str, queue) -> None:
     os.environ["ACCELSERVE_HOME"] = home
     try:
-        e = export(src, target="npu", precision="int4", parity=False, progress=False)
+        e = export(src, target="cpu", precision="int4", parity=False, progress=False)
         queue.put(("ok", str(e.path), e.cache_hit, e.key))
     except BaseException as exc:
         queue.put(("error", repr(exc), None, None))
@@ -20,13 +20,13 @@ def _export_in_child(src: str, home: str, queue) -> None:
 
 def _die_mid_export(src: str, home: str) -> None:
     """Start an export and hard-exit during quantization, as a killed process would (no cleanup runs)."""
-    import plugin.export.quantize as quantize
+    import plugin.convert.quantize as quantize
 
     def killed(*a, **k):
         os._exit(9)
 
     quantize.convert_precision = killed
-    export(src, target="npu", precision="int4", parity=False, progress=False, home=Path(home), graph="plain")
+    export(src, target="cpu", precision="int4", parity=False, progress=False, home=Path(home), graph="plain")
 
 
 def test_two_processes_exporting_one_key(tiny_llama, accelserve_home):
@@ -60,7 +60,7 @@ def test_killed_export_leaves_nothing_finished(tiny_llama, accelserve_home):
     assert list(exports.rglob("manifest.json")) == []
     # the next export of the same key cleans up and succeeds
     done = export(
-        tiny_llama, target="npu", precision="int4", parity=False, progress=False, home=accelserve_home, graph="plain"
+        tiny_llama, target="cpu", precision="int4", parity=False, progress=False, home=accelserve_home, graph="plain"
     )
     assert not done.cache_hit and verify_export(done.path) == []
     assert list(exports.glob(".tmp-*")) == []

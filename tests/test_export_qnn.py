@@ -15,13 +15,13 @@ from onnx import TensorProto, helper
 pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn is not installed (pip install onnxruntime-qnn==2.7.0)")
 
 from backends import qnn_ep
-from plugin.export import ExportError, export, verify_export
-from plugin.export.qnn import build as qnn_build
-from plugin.export.qnn import calibration, graphs
-from plugin.export.qnn.compile import compile_context, parse_refusals
-from plugin.export.qnn.config import choose_pad_token, cpu_config
-from plugin.export.qnn.runner import PipelineRunner, PipelineShape, cpu_session
-from plugin.export.qnn.spec import load_spec, qnn_unsupported_reason
+from plugin.convert import ExportError, export, verify_export
+from plugin.convert.qnn import build as qnn_build
+from plugin.convert.qnn import calibration, graphs
+from plugin.convert.qnn.compile import compile_context, parse_refusals
+from plugin.convert.qnn.config import choose_pad_token, cpu_config
+from plugin.convert.qnn.runner import PipelineRunner, PipelineShape, cpu_session
+from plugin.convert.qnn.spec import load_spec, qnn_unsupported_reason
 
 CONTEXT, WINDOW = 64, 16
 PRECISION = {"llama": "int4", "qwen2": "int8", "mistral": "int4", "phi3": "int8", "gpt2": "int4"}
@@ -183,7 +183,7 @@ def test_chunked_prefill_equals_one_go_on_the_cpu(tiny_llama, tmp_path):
             for f in (name, name + ".data"):
                 (folder / "work" / f).rename(folder / f)
         hf = json.loads((tiny_llama / "config.json").read_text())
-        from plugin.export.qnn.config import build_pipeline_config
+        from plugin.convert.qnn.config import build_pipeline_config
 
         config = build_pipeline_config(
             spec,
@@ -377,7 +377,7 @@ def test_cli_export_takes_context_length_and_window(tiny_llama, accelserve_home,
 
 
 def _answer_on_htp(folder: Path) -> str:
-    from plugin.export.qnn.parity import genai_answer
+    from plugin.convert.qnn.parity import genai_answer
 
     return genai_answer(folder, "What is the capital of France?", 12)
 

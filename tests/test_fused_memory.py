@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from plugin.export.errors import ExportError
-from plugin.export.fused_memory import ALIGN, apply_memory_layout, set_fp32_compute, untie_quantized_embedding
-from plugin.export.onnx_files import DATA_FILE, MODEL_FILE, save_model
+from plugin.convert.errors import ExportError
+from plugin.convert.fused_memory import ALIGN, apply_memory_layout, set_fp32_compute, untie_quantized_embedding
+from plugin.convert.onnx_files import DATA_FILE, MODEL_FILE, save_model
 
 VOCAB, HIDDEN, BLOCK = 64, 32, 16
 

@@ -13,11 +13,11 @@ pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn is not installed 
 from backends import qnn_ep
 from backends.base import ContextOverflowError, GenerationRequest, SamplingParams
 from backends.ort_genai.backend import OrtGenaiBackend
+from plugin.convert import export
 from plugin.engine.costmodel import CostModel
 from plugin.engine.devices import discover_cpu, discover_qnn_emulator
 from plugin.engine.engine import Engine
 from plugin.engine.explain import placement_dict, placement_headers, placement_text
-from plugin.export import export
 from plugin.models.resolve import resolve_model
 
 pytestmark = pytest.mark.skipif(not qnn_ep.is_emulated(), reason="these tests expect the x86-64 HTP emulator")

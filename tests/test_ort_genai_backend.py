@@ -29,7 +29,7 @@ PROMPTS = [
 @pytest.fixture(scope="session")
 def tiny_export(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny llama checkpoint exported for onnxruntime-genai (fp32, CPU) by the project's exporter."""
-    from plugin.export import export
+    from plugin.convert import export
 
     home = tmp_path_factory.mktemp("ort-home")
     return export(str(tiny_llama), target="cpu", precision="fp32", home=home, progress=False).path
@@ -211,7 +211,7 @@ def test_greedy_equals_torch_for_other_architectures(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from plugin.export import export
+    from plugin.convert import export
 
     source = tiny_model_factory(arch)
     folder = export(str(source), target="cpu", precision="fp32", home=tmp_path_factory.mktemp("home"), progress=False)
@@ -442,7 +442,7 @@ def test_duplicate_request_id_is_rejected(backend: OrtGenaiBackend) -> None:
 
 @pytest.mark.slow
 def test_default_model_answers_paris(tmp_path: Path) -> None:
-    from plugin.export import export
+    from plugin.convert import export
 
     exported = export("default", target="npu", precision="int4", progress=False)
     b = OrtGenaiBackend(exported.path, device="npu", simulated=True)

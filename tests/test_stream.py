@@ -198,7 +198,7 @@ def test_both_backends_count_and_finish_the_same_generation_alike(tiny_llama, tm
     from backends.base import GenerationRequest, SamplingParams
     from backends.ort_genai.backend import OrtGenaiBackend
     from backends.torch.backend import TorchBackend
-    from plugin.export import export
+    from plugin.convert import export
 
     exported = export(tiny_llama, target="cpu", precision="fp32", home=tmp_path, progress=False, parity=False)
     results = {}

@@ -39,7 +39,7 @@ def read_genai_config(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BackendError(
             f"{model_dir} has no genai_config.json: it is not an onnxruntime-genai export. "
-            "Fix: export it first, e.g. plugin.export.export(model, target='npu', precision='int4')"
+            "Fix: export it first, e.g. plugin.convert.export(model, target='npu', precision='int4')"
         )
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -35,6 +35,7 @@ class ProviderSpec:
     manifest_keys: tuple[str, ...]  # the export manifest's "providers" entries on whether it loads there
     options: dict[str, str] = field(default_factory=dict)  # provider options set through og.Config
     genai_flag: str | None = None  # og.is_<x>_available, when the build exposes one
+    config_name: str = ""  # the key genai_config.json's provider_options use (the exporter writes it)
 
     @property
     def emulated(self) -> bool:
@@ -50,7 +51,7 @@ class ProviderSpec:
 # reported as "gpu" so a DirectML placement is never called NPU.
 PROVIDERS: dict[str, ProviderSpec] = {
     "qnn": ProviderSpec(
-        "qnn", "QNN", "QNNExecutionProvider", "npu", ("qnn",), {"backend_type": "htp"}, "is_qnn_available"
+        "qnn", "QNN", "QNNExecutionProvider", "npu", ("qnn",), {"backend_type": "htp"}, "is_qnn_available", "qnn"
     ),
     "openvino": ProviderSpec(
         "openvino",
@@ -60,12 +61,16 @@ PROVIDERS: dict[str, ProviderSpec] = {
         ("openvino:npu", "openvino"),
         {"device_type": "NPU"},
         "is_openvino_available",
+        "OpenVINO",
     ),
-    "vitisai": ProviderSpec("vitisai", "VitisAI", "VitisAIExecutionProvider", "npu", ("vitisai",)),
-    "dml": ProviderSpec("dml", "DML", "DmlExecutionProvider", "gpu", ("dml",), {}, "is_dml_available"),
-    "cuda": ProviderSpec("cuda", "cuda", "CUDAExecutionProvider", "gpu", ("cuda",), {}, "is_cuda_available"),
-    "cpu": ProviderSpec("cpu", "cpu", "CPUExecutionProvider", "cpu", ("cpu",)),
+    "vitisai": ProviderSpec(
+        "vitisai", "VitisAI", "VitisAIExecutionProvider", "npu", ("vitisai",), config_name="VitisAI"
+    ),
+    "dml": ProviderSpec("dml", "DML", "DmlExecutionProvider", "gpu", ("dml",), {}, "is_dml_available", "dml"),
+    "cuda": ProviderSpec("cuda", "cuda", "CUDAExecutionProvider", "gpu", ("cuda",), {}, "is_cuda_available", "cuda"),
+    "cpu": ProviderSpec("cpu", "cpu", "CPUExecutionProvider", "cpu", ("cpu",), config_name="cpu"),
 }
+"""The one table of execution providers: the exporter (plugin/convert/targets.py) reads its names from here."""
 
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "npu": ("qnn", "openvino", "vitisai", "dml", "cpu"),
@@ -75,6 +80,7 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
 
 # Accepted spellings for a provider override, e.g. "QNNExecutionProvider", "QNN", "qnn".
 _ALIASES: dict[str, str] = {}
+_ALIASES["directml"] = "dml"
 for _spec in PROVIDERS.values():
     for _name in (_spec.key, _spec.genai_name, _spec.ort_name, _spec.ort_name.removesuffix("ExecutionProvider")):
         _ALIASES[_name.lower()] = _spec.key

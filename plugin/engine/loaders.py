@@ -28,7 +28,7 @@ def prepare(model: ResolvedModel, model_format: str, device: DeviceInfo, precisi
     if model_format == HF_CHECKPOINT:
         return Path(model.path)
     if model_format == ONNX_GENAI:
-        from plugin.export import export
+        from plugin.convert import export
 
         return export(model.path, target=export_target(device), precision=precision).path
     raise BackendError(f"no converter for model format {model_format!r}; known: {HF_CHECKPOINT!r}, {ONNX_GENAI!r}")

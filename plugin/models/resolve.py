@@ -7,7 +7,6 @@ is ever downloaded: this must work offline, and a missing model is an error that
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -18,7 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from backends.profile import ModelProfile, profile_from_config
-from plugin.cache import build_once, is_complete
+from plugin.cache import build_once, is_complete, sha256_file
 from plugin.home import accelserve_home
 from plugin.models.errors import ModelSourceError
 
@@ -186,11 +185,8 @@ def _inspect_folder(folder: Path, ref: str, source: str, name: str) -> ResolvedM
 
 @lru_cache(maxsize=32)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 memoised by (path, size, mtime): a changed file is hashed again, an unchanged one is not."""
+    return sha256_file(Path(path))
 
 
 def gguf_cache_folder(gguf: Path, home: Path) -> Path:

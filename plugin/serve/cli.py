@@ -24,10 +24,10 @@ log = logging.getLogger("accelserve")
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user: printed without a traceback."""
     from backends.base import BackendError
+    from plugin.convert import ExportError
     from plugin.engine.devices import DeviceSpecError
     from plugin.engine.engine import EngineError
     from plugin.engine.scheduler import PlacementError
-    from plugin.export import ExportError
     from plugin.models.resolve import ModelSourceError
 
     return (ModelSourceError, ExportError, EngineError, BackendError, PlacementError, DeviceSpecError, ValueError)
@@ -62,7 +62,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from plugin.export import export
+    from plugin.convert import export
 
     exported = export(
         args.model,

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from plugin.export.errors import ExportError
+from plugin.convert.errors import ExportError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from plugin.export.errors import ExportError
+from plugin.convert.errors import ExportError
 
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from plugin.export.errors import ExportError
-from plugin.export.qnn.graphs import save_with_data
+from plugin.convert.errors import ExportError
+from plugin.convert.qnn.graphs import save_with_data
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 import onnx
 from onnx import numpy_helper
 
-from plugin.export.errors import ExportError
-from plugin.export.onnx_files import MODEL_FILE, load_model, save_model
+from plugin.convert.errors import ExportError
+from plugin.convert.onnx_files import MODEL_FILE, load_model, save_model
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import onnx
 
-from plugin.export.errors import ExportError
+from plugin.convert.errors import ExportError
 
 # model.type values onnxruntime-genai 0.18 accepts that run a plain Optimum graph as a standard decoder
 # (inputs input_ids/attention_mask/position_ids/past_key_values.N.*). Checked per architecture by the tests.

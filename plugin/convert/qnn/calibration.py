@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from plugin.export.qnn.runner import PipelineRunner
+from plugin.convert.qnn.runner import PipelineRunner
 
 CALIBRATION_VERSION = 1
 # (user, assistant) pairs; keep them short: the emulated HTP is slow and the set is run on every export.

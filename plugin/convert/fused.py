@@ -31,10 +31,10 @@ from typing import Any
 
 import onnx
 
-from plugin.export.errors import ExportError
-from plugin.export.fused_memory import FP32_COMPUTE_MATMULS, apply_memory_layout
-from plugin.export.onnx_files import DATA_FILE, MODEL_FILE
-from plugin.export.steps import StepTimer
+from plugin.convert.errors import ExportError
+from plugin.convert.fused_memory import FP32_COMPUTE_MATMULS, apply_memory_layout
+from plugin.convert.onnx_files import DATA_FILE, MODEL_FILE
+from plugin.convert.steps import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def run_builder(source: Path, output: Path, precision: str, options: dict[str, s
     env.setdefault("TQDM_DISABLE", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    cmd = [sys.executable, "-m", "plugin.export.builder_worker", json.dumps(args)]
+    cmd = [sys.executable, "-m", "plugin.convert.builder_worker", json.dumps(args)]
     with log_path.open("w", encoding="utf-8") as logf:
         try:
             proc = subprocess.run(
@@ -274,7 +274,7 @@ def try_build_fused(
     (None, reason) when the checkpoint or the builder cannot give a fused graph: the caller then builds
     the plain Optimum graph, and the reason is logged here and recorded in the manifest.
     """
-    from plugin.export.tokenizer_files import copy_tokenizer
+    from plugin.convert.tokenizer_files import copy_tokenizer
 
     hf_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     reason = fused_unsupported_reason(hf_config)

@@ -30,8 +30,8 @@ from typing import BinaryIO
 import onnx
 from onnx import numpy_helper
 
-from plugin.export.errors import ExportError
-from plugin.export.onnx_files import DATA_FILE, MODEL_FILE
+from plugin.convert.errors import ExportError
+from plugin.convert.onnx_files import DATA_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
 

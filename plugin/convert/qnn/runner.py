@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from plugin.export.qnn.graphs import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from plugin.convert.qnn.graphs import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugin.export.qnn.graphs import (
+from plugin.convert.qnn.graphs import (
     EMBEDDINGS,
     HIDDEN_IN,
     HIDDEN_OUT,
@@ -22,7 +22,7 @@ from plugin.export.qnn.graphs import (
     PRESENT_VALUE,
     transformer_io,
 )
-from plugin.export.qnn.spec import ModelSpec
+from plugin.convert.qnn.spec import ModelSpec
 
 
 def _token(value: Any) -> Any:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from plugin.export.qnn.spec import LayerWeights, ModelSpec
+from plugin.convert.qnn.spec import LayerWeights, ModelSpec
 
 OPSET = 21  # 16-bit and 4-bit QuantizeLinear/DequantizeLinear in the ONNX domain
 IR_VERSION = 10

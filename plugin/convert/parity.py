@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from plugin.export.errors import ExportError
+from plugin.convert.errors import ExportError
 
 log = logging.getLogger(__name__)
 

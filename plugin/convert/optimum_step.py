@@ -6,8 +6,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from plugin.export.errors import ExportError
-from plugin.export.onnx_files import MODEL_FILE, load_model, save_model
+from plugin.convert.errors import ExportError
+from plugin.convert.onnx_files import MODEL_FILE, load_model, save_model
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from plugin.export.errors import ExportError
+from plugin.cache import sha256_file
+from plugin.convert.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,6 @@ MANIFEST_VERSION = 1
 TMP_PREFIX = ".tmp-"
 HASH_MEMO = ".source-hashes.json"
 LOCK_TIMEOUT_S = 3600.0  # a real export of a small model takes minutes; waiting beats duplicate work
-
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_memo(memo: Path | None) -> dict[str, str]:

@@ -16,11 +16,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from plugin.export.errors import ExportError
-from plugin.export.qnn import calibration, graphs
-from plugin.export.qnn.compile import compile_context, context_files
-from plugin.export.qnn.config import build_pipeline_config, choose_pad_token
-from plugin.export.qnn.quantize import (
+from plugin.convert.errors import ExportError
+from plugin.convert.qnn import calibration, graphs
+from plugin.convert.qnn.compile import compile_context, context_files
+from plugin.convert.qnn.config import build_pipeline_config, choose_pad_token
+from plugin.convert.qnn.quantize import (
     CALIBRATION_METHOD,
     QuantReport,
     calibrate,
@@ -28,8 +28,8 @@ from plugin.export.qnn.quantize import (
     quantize_graph,
     to_int4_blocks,
 )
-from plugin.export.qnn.runner import PipelineRunner, PipelineShape, cpu_session
-from plugin.export.steps import StepTimer
+from plugin.convert.qnn.runner import PipelineRunner, PipelineShape, cpu_session
+from plugin.convert.steps import StepTimer
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def cpu_runner(folder: Path, context: str = CONTEXT_QDQ, iterator: str = ITERATO
 
 def htp_runner(folder: Path, provider_options: dict[str, str]) -> PipelineRunner:
     """The package's compiled `_ctx.onnx` graphs on HTP (no CPU fallback); embeddings and lm_head on the CPU."""
-    from plugin.export.qnn.compile import htp_session
+    from plugin.convert.qnn.compile import htp_session
 
     return PipelineRunner(
         pipeline_shape(folder),
@@ -118,8 +118,8 @@ def build_qnn_package(
 ) -> dict[str, Any]:
     """Fill `folder` with the decoder-pipeline package (minus manifest); return the manifest fields it learned."""
     from backends import qnn_ep
-    from plugin.export.qnn.spec import load_spec
-    from plugin.export.tokenizer_files import copy_tokenizer
+    from plugin.convert.qnn.spec import load_spec
+    from plugin.convert.tokenizer_files import copy_tokenizer
 
     if precision not in SCHEMES:
         raise ExportError(f"the HTP pipeline is built at int4 (w4a16) or int8 (w8a16), not {precision!r}")
@@ -233,7 +233,7 @@ def _float_ops(path: Path) -> dict[str, int]:
 def run_qnn_parity(folder: Path, source: Path, precision: str, timer: StepTimer) -> dict[str, Any]:
     """Parity on HTP (see parity.py); the sessions are closed before the folder is published."""
     from backends import qnn_ep
-    from plugin.export.qnn.parity import measure
+    from plugin.convert.qnn.parity import measure
 
     with timer.step("parity", "parity on the HTP (teacher forcing vs torch, vs the CPU provider)"):
         runners = {"htp": htp_runner(folder, qnn_ep.htp_provider_options()), "cpu": cpu_runner(folder)}

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from plugin.export.errors import ExportError
+from plugin.convert.errors import ExportError
 
 # HF model_type -> how its layers are laid out (all run the same graph shape, see graphs.py).
 FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gpt2")

@@ -1,6 +1,6 @@
 """HF checkpoint -> Optimum ONNX -> int4/int8/fp16/fp32 -> onnxruntime-genai folder, cached and verified.
 
-    from plugin.export import export
+    from plugin.convert import export
     exported = export("default", target="npu", precision="int4")
     exported.path  # genai_config.json, model.onnx(+.data), tokenizer files, manifest.json
 
@@ -17,18 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from plugin.export import cache
-from plugin.export.errors import ExportError
-from plugin.export.onnx_files import DATA_FILE, MODEL_FILE
-from plugin.export.steps import StepTimer
-from plugin.export.targets import (
+from plugin.convert import cache
+from plugin.convert.errors import ExportError
+from plugin.convert.onnx_files import DATA_FILE, MODEL_FILE
+from plugin.convert.steps import StepTimer
+from plugin.convert.targets import (
     PRECISIONS,
     TARGETS,
     check_target,
@@ -152,21 +151,21 @@ def _build(
 ) -> dict[str, Any]:
     """Fill `tmp` with a complete export (minus manifest); return manifest fields it learned."""
     if graph == "qnn":
-        from plugin.export.qnn.build import build_qnn_package
+        from plugin.convert.qnn.build import build_qnn_package
 
         window, context_length = qnn_shape or (0, 0)
         return build_qnn_package(
             source, tmp, precision, window=window, context_length=context_length, block_size=block_size, timer=timer
         )
-    from plugin.export.genai_config import write_genai_config
-    from plugin.export.optimum_step import optimum_export
-    from plugin.export.quantize import convert_precision
-    from plugin.export.tokenizer_files import copy_tokenizer
+    from plugin.convert.genai_config import write_genai_config
+    from plugin.convert.optimum_step import optimum_export
+    from plugin.convert.quantize import convert_precision
+    from plugin.convert.tokenizer_files import copy_tokenizer
 
     # --- fused graph (fused.py); on any reason it cannot be built, the plain Optimum graph below ---
     fallback_reason = None
     if graph == "fused":
-        from plugin.export.fused import try_build_fused
+        from plugin.convert.fused import try_build_fused
 
         learned, fallback_reason = try_build_fused(
             source, tmp, target, precision, block_size, symmetric, timer, _config_provider_options
@@ -182,7 +181,7 @@ def _build(
             for name in (MODEL_FILE, DATA_FILE):
                 if (fp32.parent / name).exists():
                     shutil.move(fp32.parent / name, tmp / name)
-            from plugin.export.quantize import QuantResult
+            from plugin.convert.quantize import QuantResult
 
             quant = QuantResult(tmp / MODEL_FILE, "fp32 reference (no conversion)")
         else:
@@ -253,8 +252,8 @@ def export(
     (what "auto" means for target "npu": the QNN HTP pipeline, qnn/). `context_length` (default 1024) and
     `window` (prefill window, default 64) shape the HTP pipeline and are part of its cache key.
     """
-    from plugin.export.fused import graph_key_options, resolve_graph
-    from plugin.export.qnn import DEFAULT_CONTEXT_LENGTH, DEFAULT_WINDOW, check_qnn_request, qnn_key_options
+    from plugin.convert.fused import graph_key_options, resolve_graph
+    from plugin.convert.qnn import DEFAULT_CONTEXT_LENGTH, DEFAULT_WINDOW, check_qnn_request, qnn_key_options
 
     check_target(target, precision)
     if graph == "qnn" and target != "npu":
@@ -339,10 +338,10 @@ def export(
 
 
 def _run_parity(folder: Path, source: Path, precision: str, timer: StepTimer, graph: str = "") -> dict[str, Any]:
-    from plugin.export.parity import run_parity
+    from plugin.convert.parity import run_parity
 
     if graph == "qnn":
-        from plugin.export.qnn.build import run_qnn_parity
+        from plugin.convert.qnn.build import run_qnn_parity
 
         return run_qnn_parity(folder, source, precision, timer)
 
@@ -355,13 +354,3 @@ def _run_parity(folder: Path, source: Path, precision: str, timer: StepTimer, gr
             f"max logit diff {report.max_logit_diff}. This is an exporter bug for this architecture; please report it."
         )
     return report.to_dict()
-
-
-class _CallableModule(sys.modules[__name__].__class__):
-    """Lets `plugin.export(...)` call `export(...)`: the package and the function share one public name."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ExportedModel:
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

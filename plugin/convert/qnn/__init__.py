@@ -28,8 +28,8 @@ QNN_PRECISIONS = ("int4", "int8")
 def check_qnn_request(hf_config: dict[str, Any], precision: str, window: int, context_length: int) -> None:
     """Refuse an HTP export before any work: precision, shapes, architecture, runtime present."""
     from backends import qnn_ep
-    from plugin.export.errors import ExportError
-    from plugin.export.qnn.spec import qnn_unsupported_reason
+    from plugin.convert.errors import ExportError
+    from plugin.convert.qnn.spec import qnn_unsupported_reason
 
     if precision not in QNN_PRECISIONS:
         raise ExportError(
@@ -51,8 +51,8 @@ def qnn_key_options(window: int, context_length: int) -> dict[str, Any]:
     """Cache-key options of an HTP export (shapes, calibration set, format)."""
     from importlib import metadata
 
-    from plugin.export.qnn.build import INT4_SENSITIVE, QNN_FORMAT
-    from plugin.export.qnn.calibration import calibration_record
+    from plugin.convert.qnn.build import INT4_SENSITIVE, QNN_FORMAT
+    from plugin.convert.qnn.calibration import calibration_record
 
     cal = calibration_record()
     try:

@@ -1,6 +1,6 @@
 """Child process: run onnxruntime-genai's model builder on a local HF checkpoint, under transformers 4.57.
 
-    python -m plugin.export.builder_worker '{"source": ..., "output": ..., "precision": "int4", "options": {...}}'
+    python -m plugin.convert.builder_worker '{"source": ..., "output": ..., "precision": "int4", "options": {...}}'
 
 Why a separate process: the builder (onnxruntime-genai 0.18) was written against transformers 5.x, and
 running it here needs two small, process-wide adjustments that must never leak into a serving process:
@@ -76,7 +76,7 @@ def run_builder(source: str, output: str, precision: str, options: dict[str, str
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m plugin.export.builder_worker '<json arguments>'", file=sys.stderr)
+        print("usage: python -m plugin.convert.builder_worker '<json arguments>'", file=sys.stderr)
         return 2
     args = json.loads(argv[0])
     Path(args["output"]).mkdir(parents=True, exist_ok=True)

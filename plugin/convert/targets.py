@@ -34,13 +34,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from plugin.export.errors import ExportError
+from backends.ort_genai.providers import PROVIDERS as PROVIDER_TABLE
+from backends.ort_genai.providers import resolve_provider
+from plugin.convert.errors import ExportError
 
 TARGETS = ("npu", "cpu", "gpu")
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 
-# Provider names as onnxruntime-genai's genai_config spells them.
-PROVIDERS = ("cpu", "cuda", "dml", "qnn", "OpenVINO", "VitisAI")
+# Provider names as onnxruntime-genai's genai_config spells them, from the backends' one provider table.
+PROVIDERS = tuple(spec.config_name for spec in PROVIDER_TABLE.values())
 
 # Which precisions each target builds (fp32 is always allowed: it is the reference).
 TARGET_PRECISIONS: dict[str, tuple[str, ...]] = {
@@ -134,11 +136,11 @@ def check_target(target: str, precision: str) -> None:
 
 
 def canonical_provider(provider: str) -> str:
-    aliases = {p.lower(): p for p in PROVIDERS} | {"directml": "dml", "openvino": "OpenVINO", "vitisai": "VitisAI"}
-    canonical = aliases.get(provider.lower().removesuffix("executionprovider"))
-    if canonical is None:
-        raise ExportError(f"unknown execution provider {provider!r}; known: {', '.join(PROVIDERS)}")
-    return canonical
+    """Any spelling of a provider ("QNNExecutionProvider", "QNN", "qnn", "DirectML") -> genai_config's name."""
+    try:
+        return resolve_provider(provider).config_name
+    except ValueError as e:
+        raise ExportError(f"unknown execution provider {provider!r}; known: {', '.join(PROVIDERS)}") from e
 
 
 def provider_options_for(target: str, provider: str | None = None, precision: str = "int4") -> list[dict[str, Any]]:
