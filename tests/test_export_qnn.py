@@ -135,7 +135,8 @@ def test_manifest_records_calibration_compile_and_quantization(llama_int4):
     assert cal["prompts"] == len(calibration.CALIBRATION_SET) and len(cal["sha256"]) == 64
     q = m["quantization"]
     assert q["scheme"] == "w4a16" and q["activation_type"] == "uint16" and q["block_size"] == 32
-    assert q["int4_matmuls"] == 7 * 2  # q, k, v, o, gate, up, down per layer
+    assert q["int4_matmuls"] == 5 * 2  # q, k, o, gate, up per layer; v_proj and down_proj stay 8-bit
+    assert q["int8_matmuls"] == 2 * 2
     assert {"compile_context", "compile_iterator", "calibrate", "quantize", "parity"} <= set(m["timings_s"])
     assert m["pipeline"]["graphs"]["context"]["compile_s"] >= 0
     assert m["options"]["window"] == WINDOW and m["options"]["context_length"] == CONTEXT

@@ -53,6 +53,7 @@ def qnn_key_options(window: int, context_length: int) -> dict[str, Any]:
 
     from plugin.convert.qnn.build import INT4_SENSITIVE, QNN_FORMAT
     from plugin.convert.qnn.calibration import calibration_record
+    from plugin.convert.qnn.quantize import FLOAT_RANGE, RESIDUAL_IN_FLOAT
 
     cal = calibration_record()
     try:
@@ -67,4 +68,6 @@ def qnn_key_options(window: int, context_length: int) -> dict[str, Any]:
         "context_length": context_length,
         "calibration": f"v{cal['version']}-{cal['sha256'][:16]}",
         "int4_sensitive": list(INT4_SENSITIVE),
+        "float_range": FLOAT_RANGE,
+        "residual_in_float": RESIDUAL_IN_FLOAT,
     }

@@ -72,7 +72,7 @@ CALIBRATION_SET: tuple[tuple[str, str], ...] = (
     ("Tell me a short joke.", "Why did the scarecrow win an award? Because he was outstanding in his field!"),
     ("What year did the Second World War end?", "It ended in 1945."),
 )
-DECODE_STEPS = 24  # iterator feeds per prompt (teacher-forced answer tokens)
+DECODE_STEPS = 16  # iterator feeds per prompt (teacher-forced answer tokens)
 
 
 def calibration_record() -> dict[str, Any]:

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 FLOAT_ON_HTP = ("LayerNormalization",)  # left unquantized: fp16 on HTP (see module docstring)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 CALIBRATION_METHOD = "MinMax"
+# The residual stream carries the "massive activations" of the first tokens (about 13,000 in SmolLM2);
+# one uint16 range over them leaves a step of ~0.4 for every other token. In fp16 it keeps 11 bits
+# of mantissa at every magnitude.
+RESIDUAL_IN_FLOAT = True
+FLOAT_RANGE = 512.0  # calibrated span above which a MatMul/Mul stays in float (see wide_range_nodes)
 
 
 @dataclass
@@ -52,6 +57,9 @@ class QuantReport:
     int4_matmuls: int = 0
     int8_matmuls: int = 0
     float_ops: dict[str, int] = field(default_factory=dict)
+    float_nodes: list[str] = field(default_factory=list)  # wide-range MatMul/Mul kept in fp16
+    float_range: float = FLOAT_RANGE
+    residual_in_float: bool = RESIDUAL_IN_FLOAT
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -89,7 +97,22 @@ class _Reader:
         return item
 
 
-def qnn_config(model_path: Path) -> Any:
+def wide_range_nodes(model_path: Path, ranges: Any, limit: float = FLOAT_RANGE) -> list[str]:
+    """MatMul/Mul nodes whose calibrated input or output span exceeds `limit`: kept in float (fp16 on HTP).
+
+    A few MLPs produce the model's massive activations (SmolLM2: down_proj of layers 11, 28, 29 spans
+    ~10,000-26,000); one uint16 range over them leaves a step of ~0.4 for every ordinary token.
+    """
+    model = onnx.load(str(model_path), load_external_data=False)
+    span = {name: float(np.max(d.range_value[1]) - np.min(d.range_value[0])) for name, d in ranges.data.items()}
+    wide = []
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Mul") and any(span.get(t, 0.0) > limit for t in (*n.input, *n.output)):
+            wide.append(n.name)
+    return wide
+
+
+def qnn_config(model_path: Path, keep_float: list[str] | None = None) -> Any:
     """onnxruntime's QNN QDQ recipe for this graph: uint16 activations, int8 symmetric per-channel weights."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -104,7 +127,20 @@ def qnn_config(model_path: Path) -> Any:
         per_channel=True,
         weight_symmetric=True,
         op_types_to_quantize=op_types,
+        nodes_to_exclude=[*float_nodes(model), *(keep_float or [])] or None,
     )
+
+
+def float_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes kept in float (fp16 on HTP) with their inputs: the residual stream and the norms reading it.
+
+    Excluding the residual Adds alone is not enough: an op without a QDQ form (the norms) still gets its
+    inputs quantized, so the norms are excluded too; their outputs are quantized by the MatMuls they feed.
+    """
+    if not RESIDUAL_IN_FLOAT:
+        return []
+    keep = ("SimplifiedLayerNormalization", "LayerNormalization", "Identity")
+    return [n.name for n in model.graph.node if n.name.endswith(".residual") or n.op_type in keep]
 
 
 def calibrate(graphs: list[tuple[Path, Iterable[dict[str, np.ndarray]]]], work: Path) -> Any:
@@ -133,12 +169,12 @@ def calibrate(graphs: list[tuple[Path, Iterable[dict[str, np.ndarray]]]], work: 
     )
 
 
-def quantize_graph(src: Path, dst: Path, ranges: Any, work: Path) -> None:
+def quantize_graph(src: Path, dst: Path, ranges: Any, work: Path, keep_float: list[str] | None = None) -> None:
     """Static QDQ of `src` with precomputed `ranges` (uint16 activations, int8 per-channel weights)."""
     from onnxruntime.quantization import QuantFormat, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod, save_tensors_data
 
-    config = qnn_config(src)
+    config = qnn_config(src, keep_float)
     cache = work / f"ranges-{src.stem}.json"
     save_tensors_data(ranges, cache)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
@@ -154,6 +190,7 @@ def quantize_graph(src: Path, dst: Path, ranges: Any, work: Path) -> None:
             weight_type=config.weight_type,
             calibrate_method=CalibrationMethod.MinMax,
             use_external_data_format=True,
+            nodes_to_exclude=config.nodes_to_exclude,
             extra_options=config.extra_options,
             calibration_cache_path=str(cache),
         )
