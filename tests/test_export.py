@@ -171,7 +171,7 @@ def test_failed_export_leaves_nothing_finished(tiny_llama, accelserve_home, monk
     exports = accelserve_home / "exports"
     assert [p.name for p in exports.iterdir() if not p.name.startswith(".")] == []
     assert list(exports.rglob("manifest.json")) == []
-    assert list(exports.glob(".tmp-*")) == []
+    assert list(exports.glob(".*.partial-*")) == []
     monkeypatch.undo()
     ok = _export(tiny_llama, accelserve_home, target="cpu", precision="int4", parity=False)
     assert not ok.cache_hit and verify_export(ok.path) == []

@@ -44,7 +44,7 @@ def test_two_processes_exporting_one_key(tiny_llama, accelserve_home):
     assert verify_export(Path(results[0][1])) == []
     exports = accelserve_home / "exports"
     assert [p.name for p in exports.iterdir() if not p.name.startswith(".")] == [Path(results[0][1]).name]
-    assert list(exports.glob(".tmp-*")) == []
+    assert list(exports.glob(".*.partial-*")) == []
 
 
 def test_killed_export_leaves_nothing_finished(tiny_llama, accelserve_home):
@@ -54,7 +54,7 @@ def test_killed_export_leaves_nothing_finished(tiny_llama, accelserve_home):
     proc.join(timeout=300)
     assert proc.exitcode == 9
     exports = accelserve_home / "exports"
-    leftovers = list(exports.glob(".tmp-*"))
+    leftovers = list(exports.glob(".*.partial-*"))
     assert leftovers, "the killed process should have left its temp folder behind"
     assert [p.name for p in exports.iterdir() if not p.name.startswith(".")] == []
     assert list(exports.rglob("manifest.json")) == []
@@ -63,4 +63,4 @@ def test_killed_export_leaves_nothing_finished(tiny_llama, accelserve_home):
         tiny_llama, target="cpu", precision="int4", parity=False, progress=False, home=accelserve_home, graph="plain"
     )
     assert not done.cache_hit and verify_export(done.path) == []
-    assert list(exports.glob(".tmp-*")) == []
+    assert list(exports.glob(".*.partial-*")) == []

@@ -537,3 +537,17 @@ def test_client_leaving_a_non_streamed_or_queued_request_cancels_it(stack):
     assert running_id in backend.cancelled, "the running request was not cancelled"
     # the queued one never reached the backend, or was cancelled at once if it got the slot as the first left
     assert all(rid in backend.cancelled for rid in backend.served[served_before:])
+
+
+def test_health_shows_a_crashed_backend_as_unhealthy(stack):
+    """A backend whose worker died (e.g. the torch batching thread) makes its device unhealthy on /health."""
+    stack.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "warm up"}])
+    served = next(b for b in stack.backends["tiny"].values() if b.served)
+    served.crashed = "scheduler crashed: RuntimeError: boom"
+    try:
+        r = httpx.get(f"{stack.url}/health", timeout=10)
+        device = next(d for d in r.json()["models"]["tiny"]["devices"] if d["loaded"])
+        assert device["healthy"] is False and "boom" in device["unhealthy_reason"]
+        assert device["loaded"][0]["healthy"] is False
+    finally:
+        served.crashed = ""

@@ -1,8 +1,9 @@
-"""The export cache: `<home>/exports/<key>/`, built in a temp dir, published by rename, guarded by a lock.
+"""The export cache: `<home>/exports/<key>/`, on the project's one build-once helper (plugin/cache.py).
 
-A folder counts as finished only when it holds a `manifest.json` whose file hashes and sizes match the
-files beside it; a killed export leaves only a `.tmp-*` folder, which the next export of the same key
-removes while holding the key's lock.
+Lock, partial folder, atomic publish and copy are plugin/cache.py's. What is export-specific lives here:
+the key, source hashing, and what "finished" means: a `manifest.json` whose file hashes and sizes match
+the files beside it. A killed export leaves only a `.<key>.partial-*` folder, which the next export of
+the same key removes while holding the key's lock.
 """
 
 from __future__ import annotations
@@ -11,15 +12,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
+from plugin import cache as shared
 from plugin.cache import sha256_file
 from plugin.convert.errors import ExportError
 
@@ -27,7 +26,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-TMP_PREFIX = ".tmp-"
 HASH_MEMO = ".source-hashes.json"
 LOCK_TIMEOUT_S = 3600.0  # a real export of a small model takes minutes; waiting beats duplicate work
 
@@ -142,49 +140,25 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 @contextmanager
 def key_lock(root: Path, key: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Exclusive lock for one key across processes (another process exporting it makes us wait)."""
-    locks = root / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(locks / f"{key}.lock"))
     try:
-        lock.acquire(timeout=timeout)
-    except Timeout as e:
+        with shared.exclusive(root / key, timeout=timeout):
+            yield
+    except shared.LockTimeout as e:
         raise ExportError(
-            f"another process has held the export lock {locks / f'{key}.lock'} for {timeout:.0f}s; "
+            f"another process has held the export lock {e} for {timeout:.0f}s; "
             "wait for it, or delete the lock file if no export is running"
         ) from e
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def new_tmp_dir(root: Path, key: str) -> Path:
-    path = root / f"{TMP_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    return path
+    """Where to build `key` (call while holding its lock)."""
+    return shared.partial_dir(root / key)
 
 
 def clean_stale_tmp(root: Path, key: str) -> None:
-    """Remove temp folders of `key` left by killed exports (call while holding the key's lock)."""
-    for p in root.glob(f"{TMP_PREFIX}{key}-*"):
-        log.info("removing leftover temp export %s", p)
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove partial folders of `key` left by killed exports (call while holding the key's lock)."""
+    shared.remove_partials(root / key)
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Move a finished temp folder into place; an old (invalid) folder is moved aside first, then removed."""
-    if final.exists():
-        trash = final.with_name(f"{TMP_PREFIX}{final.name}-trash-{uuid.uuid4().hex[:8]}")
-        os.replace(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(tmp, final)
-
-
-def copy_to_output(src: Path, output: Path) -> None:
-    """Copy a verified cache folder to a user folder, atomically (temp sibling + rename)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f"{TMP_PREFIX}{output.name}-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(src, tmp)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+publish = shared.publish
+copy_to_output = shared.copy_atomically
