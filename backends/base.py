@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+MAX_SEED = 2**31 - 1
 
 
 class BackendError(RuntimeError):
@@ -49,8 +50,9 @@ class SamplingParams:
             problems.append(f"top_k must be an integer >= 0, 0 meaning off (got {self.top_k!r})")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0, 1.0 meaning off (got {self.repetition_penalty!r})")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            problems.append(f"seed must be a non-negative integer or None (got {self.seed!r})")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
+            # onnxruntime-genai takes a 32-bit signed seed; a larger one must be a bad request, not a device failure
+            problems.append(f"seed must be an integer from 0 to {MAX_SEED}, or None (got {self.seed!r})")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):

@@ -421,6 +421,9 @@ def test_invalid_sampling_values_are_clear(backend: OrtGenaiBackend) -> None:
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="seed must be an integer from 0 to 2147483647"):
+        SamplingParams(seed=2**31)  # what onnxruntime-genai cannot take is a bad request, not a device failure
+    assert SamplingParams(seed=2**31 - 1).seed == 2**31 - 1
     with pytest.raises(ValueError, match="must be a dict with 'role' and 'content'"):
         GenerationRequest(messages=[{"role": "user"}])
     with pytest.raises(ValueError, match="encodes to no tokens"):

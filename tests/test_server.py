@@ -551,3 +551,14 @@ def test_health_shows_a_crashed_backend_as_unhealthy(stack):
         assert device["loaded"][0]["healthy"] is False
     finally:
         served.crashed = ""
+
+
+def test_a_bad_seed_is_a_400_and_the_device_stays_healthy(stack):
+    r = stack.post(
+        "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 2**40}
+    )
+    assert_error(r, 400, "invalid_request_error", "seed must be an integer from 0 to 2147483647")
+    health = httpx.get(f"{stack.url}/health", timeout=10).json()
+    assert all(d["healthy"] for d in health["models"]["tiny"]["devices"])
+    ok = stack.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "fine"}])
+    assert ok.choices[0].message.content == "echo: fine"
