@@ -546,7 +546,7 @@ def test_health_shows_a_crashed_backend_as_unhealthy(stack):
     served.crashed = "scheduler crashed: RuntimeError: boom"
     try:
         r = httpx.get(f"{stack.url}/health", timeout=10)
-        device = next(d for d in r.json()["models"]["tiny"]["devices"] if d["loaded"])
+        device = next(d for d in r.json()["models"]["tiny"]["devices"] if d["kind"] == served.device_kind)
         assert device["healthy"] is False and "boom" in device["unhealthy_reason"]
         assert device["loaded"][0]["healthy"] is False
     finally:
@@ -562,3 +562,15 @@ def test_a_bad_seed_is_a_400_and_the_device_stays_healthy(stack):
     assert all(d["healthy"] for d in health["models"]["tiny"]["devices"])
     ok = stack.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "fine"}])
     assert ok.choices[0].message.content == "echo: fine"
+
+
+def test_bad_request_keeps_the_keep_alive_connection(stack, caplog):
+    """A 400 from request validation is a plain answer: no server-error log, the same connection goes on."""
+    with httpx.Client(base_url=stack.url, timeout=10) as client:
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": []})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        again = client.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "ok"}]}
+        )
+        assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == "echo: ok"
+    assert "Exception in ASGI application" not in caplog.text and "unhandled error" not in caplog.text

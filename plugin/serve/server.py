@@ -116,6 +116,15 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None) -> FastAP
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         return APIError(e.status_code, str(e.detail), code=code).response()
 
+    # Known errors get their own handlers: Starlette answers a handler registered for bare `Exception` from
+    # its outermost middleware and then re-raises, which logs a server error and can reset the client's
+    # keep-alive connection. A bad request must be a plain 4xx.
+    async def _known(_: Request, e: Exception) -> JSONResponse:
+        return api_error_from(e).response()
+
+    for known in (ValueError, EngineError):  # BadRequest and ContextOverflowError are ValueErrors
+        app.add_exception_handler(known, _known)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
