@@ -27,13 +27,13 @@ def placement_markdown(placement: Any, metrics: Any | None) -> str:
 
 def inventory_markdown(engine: Engine) -> str:
     rows = [
-        "| device | name | simulated | healthy | loaded (provider) | active | waiting |",
+        "| device | name | executes as | healthy | loaded (provider) | active | waiting |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in engine.status():
         loaded = ", ".join(f"{x['backend']} {x['precision']} ({x['provider']})" for x in s["loaded"]) or "-"
         health = "yes" if s["healthy"] else f"no: {s['unhealthy_reason']}"
-        sim = "yes" if s["simulated"] else "no"
+        sim = "emulated (on the CPU)" if s["emulated"] else "simulated (on the CPU)" if s["simulated"] else "real"
         rows.append(
             f"| {s['device_id']} | {s['name']} | {sim} | {health} | {loaded} | {s['active']} | {s['waiting']} |"
         )

@@ -50,3 +50,21 @@ def test_named_endpoints_answer_through_gradio_client(page):
     history, _ = client.predict("hello api", [], "auto", 16, 0.0, 1.0, api_name="/chat")
     assert "echo: hello api" in str(history[-1])
     assert "npu:0" in client.predict(api_name="/inventory")
+
+
+def test_inventory_says_how_each_device_executes(tiny_llama, accelserve_home):
+    import dataclasses
+
+    from demos.chat import inventory_markdown
+
+    emulated = dataclasses.replace(device("npu", simulated=False), emulated=True, index=0)
+    engine = Engine(
+        resolve_model(tiny_llama),
+        devices=[device("cpu"), emulated, device("gpu")],
+        backend_factory=lambda model, placement, dev: FakeBackend(dev.kind),
+        cost_model=CostModel(path=None),
+    )
+    with engine:
+        rows = {line.split(" | ")[0].strip("| "): line for line in inventory_markdown(engine).splitlines()[2:]}
+    assert "| real |" in rows["cpu:0"] and "emulated (on the CPU)" in rows["npu:0"]
+    assert "simulated (on the CPU)" in rows["gpu:0"]
