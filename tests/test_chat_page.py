@@ -128,7 +128,7 @@ def test_reply_streams_and_shows_its_placement(page, tmp_path):
     # the placement line: device, backend, provider and that the NPU is simulated
     assert "NPU" in text and "simulated" in text
     assert "onnxruntime-genai" in text and "CPUExecutionProvider" in text
-    assert "17 tokens" in text
+    assert "18 tokens" in text  # "echo:" and sixteen words, plus the EOS token every backend counts
     # the device table shows the NPU backend loaded
     page.tab.wait_for_function("() => document.querySelector('#inventory').innerText.includes('onnxruntime-genai')")
     page.tab.screenshot(path=str(tmp_path / "chat-page.png"), full_page=True)
