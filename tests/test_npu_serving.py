@@ -117,3 +117,23 @@ def test_engine_auto_stays_on_the_cpu_and_pinned_npu_runs_emulated_htp(tiny_llam
     assert placement_headers(p, reply.request_id)["x-accelserve-emulated"] == "true"
     assert "NPU (emulated on the CPU)" in placement_text(p, reply.metrics)
     assert reply.metrics.new_tokens >= 1
+
+
+@pytest.mark.slow
+def test_default_model_answers_paris_on_emulated_htp_through_the_cli(capsys):
+    """`accelserve generate default --device npu`: the HTP package of the default model (w4a16, built or taken
+    from the export cache), served on the emulated HTP and labelled so."""
+    import json
+
+    from plugin.serve.cli import main
+
+    question = "What is the capital of France?"
+    code = main(
+        ["-q", "generate", "default", "--device", "npu", "--prompt", question, "--max-new-tokens", "12", "--json"]
+    )
+    assert code == 0
+    reply = json.loads(capsys.readouterr().out)
+    placement = reply["placement"]
+    assert placement["device"] == "npu" and placement["provider"] == "QNNExecutionProvider"
+    assert placement["emulated"] is True and placement["simulated"] is False
+    assert "Paris" in reply["text"], reply["text"]
