@@ -101,6 +101,24 @@ def test_stop_strings_cancel_and_context_overflow_on_htp(htp):
         htp.generate(GenerationRequest(prompt="Hello, how are you today?", sampling=SamplingParams(max_new_tokens=60)))
 
 
+def test_concurrent_streams_on_one_htp_package_equal_sequential_ones(htp):
+    """Each request has its own generator (own KV buffers) over the one compiled model."""
+    prompts = ["Hello, how are you today?", "The capital of Germany is", "def main():", "Numbers: 0 1 2 3"]
+
+    def tokens(prompt: str) -> list[int]:
+        request = GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=8))
+        return [t for c in htp.generate(request) for t in c.token_ids]
+
+    alone = [tokens(p) for p in prompts]
+    together: list[list[int] | None] = [None] * len(prompts)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, tokens(prompts[i]))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert together == alone
+
+
 def test_engine_auto_stays_on_the_cpu_and_pinned_npu_runs_emulated_htp(tiny_llama, accelserve_home):
     import onnxruntime_genai as og
 
