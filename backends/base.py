@@ -37,6 +37,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     greedy: bool = False
+    # vLLM's extensions, with vLLM's meaning (serving benchmarks such as guidellm send them)
+    ignore_eos: bool = False  # keep generating past EOS, up to max_new_tokens
+    min_tokens: int = 0  # no EOS, stop token or stop string ends the reply before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # token ids that end the reply like EOS (kept in the count)
 
     def __post_init__(self) -> None:
         problems = []
@@ -59,12 +63,26 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append(f"stop strings must be non-empty strings (got {self.stop!r})")
+        if not isinstance(self.ignore_eos, bool):
+            problems.append(f"ignore_eos must be true or false (got {self.ignore_eos!r})")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            problems.append(f"min_tokens must be an integer >= 0 (got {self.min_tokens!r})")
+        elif isinstance(self.max_new_tokens, int) and self.min_tokens > self.max_new_tokens:
+            problems.append(f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
+        if not isinstance(self.stop_token_ids, tuple):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
+            problems.append(f"stop_token_ids must be non-negative integers (got {list(self.stop_token_ids)!r})")
         if problems:
             raise ValueError("Invalid sampling parameters: " + "; ".join(problems))
 
     @property
     def is_greedy(self) -> bool:
         return self.greedy or self.temperature == 0.0
+
+    def suppressed_until(self) -> int:
+        """How many tokens must be generated before EOS may be sampled (max_new_tokens with ignore_eos)."""
+        return self.max_new_tokens if self.ignore_eos else self.min_tokens
 
 
 @dataclass

@@ -5,6 +5,9 @@ completes (UTF-8-safe, through a `StreamDecoder`), stop strings matched across c
 that could still become a stop string is held back), EOS, `max_new_tokens`, cancellation, and how tokens
 are counted. Every sampled token counts as generated, the EOS token included (it cost a decode step, and
 vLLM counts it the same way), so `usage.completion_tokens` is the same whichever backend served a request.
+vLLM's extensions mean what they mean there: `ignore_eos` (EOS does not end the reply), `stop_token_ids`
+(end it, their own text kept), `min_tokens` (nothing ends it earlier). Runtimes also keep EOS from being sampled
+early where they can (onnxruntime-genai's min_length, a logits mask in torch); this class decides alone.
 """
 
 from __future__ import annotations
@@ -77,7 +80,9 @@ class TokenStream:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.max_new_tokens = sampling.max_new_tokens
-        self.eos_ids = frozenset(eos_ids)
+        self.min_tokens = sampling.min_tokens
+        self.eos_ids = frozenset() if sampling.ignore_eos else frozenset(eos_ids)
+        self.stop_ids = frozenset(sampling.stop_token_ids) - self.eos_ids
         self.decoder = decoder
         self.stops = StopStringMatcher(sampling.stop)
         self.generated: list[int] = []
@@ -97,11 +102,18 @@ class TokenStream:
             raise RuntimeError(f"request {self.request_id}: token pushed after the stream finished")
         token = int(token)
         self.generated.append(token)
-        if token in self.eos_ids:
+        may_stop = len(self.generated) > self.min_tokens
+        if token in self.eos_ids and may_stop:
             return self._close([token], "", "stop")
-        text, stopped = self.stops.feed(self.decoder.add(token))
+        piece = self.decoder.add(token)
+        if not may_stop:  # before min_tokens no stop string ends the reply (vLLM's rule); text passes through
+            text, stopped = self.stops.flush() + piece, False
+        else:
+            text, stopped = self.stops.feed(piece)
         if stopped:
             return self._chunk([token], text, "stop")
+        if token in self.stop_ids and may_stop:  # as vLLM: a stop token's own text stays in the reply
+            return self._close([token], text, "stop")
         if self.remaining <= 0:
             return self._close([token], text, "length")
         return self._chunk([token], text, None)

@@ -31,7 +31,9 @@ class WordDecoder:
         self.words = words
 
     def add(self, token_id: int) -> str:
-        return (" " if token_id else "") + self.words[token_id]
+        if token_id == FAKE_EOS:
+            return ""
+        return (" " if token_id else "") + self.words[token_id % len(self.words)]
 
     def flush(self) -> str:
         return ""
@@ -101,11 +103,13 @@ class FakeBackend:
             self.active.add(request.request_id)
             self.served.append(request.request_id)
             self.max_running = max(self.max_running, len(self.active))
-        return self._run(request.request_id, stream, len(words))
+        return self._run(request.request_id, stream, len(words), request.sampling.suppressed_until())
 
-    def _run(self, rid: str, stream: TokenStream, n_words: int) -> Iterator[TokenChunk]:
+    def _run(self, rid: str, stream: TokenStream, n_words: int, no_eos_before: int) -> Iterator[TokenChunk]:
+        # the words, then EOS; like a runtime's min_length, EOS is not sampled before `no_eos_before` tokens
+        tokens = [*range(n_words), *range(n_words, max(no_eos_before, n_words)), FAKE_EOS]
         try:
-            for token in [*range(n_words), FAKE_EOS]:
+            for token in tokens:
                 while self.gate is not None and token >= self.hold_after and not self.gate.wait(0.01):
                     if rid in self.cancelled:
                         break

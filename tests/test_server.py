@@ -574,3 +574,29 @@ def test_bad_request_keeps_the_keep_alive_connection(stack, caplog):
         )
         assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == "echo: ok"
     assert "Exception in ASGI application" not in caplog.text and "unhandled error" not in caplog.text
+
+
+def test_vllm_extensions_are_accepted_and_honoured(stack):
+    """What guidellm and `vllm bench serve` send: ignore_eos, min_tokens, stop_token_ids, top_k,
+    repetition_penalty and per-chunk usage."""
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "a b c"}],
+        "max_tokens": 6,
+        "ignore_eos": True,
+        "top_k": 5,
+        "repetition_penalty": 1.0,
+    }
+    r = stack.post("/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 6  # the fake's EOS after "c" did not end it
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    body.update(ignore_eos=False, stop_token_ids=[1], min_tokens=0, max_tokens=20)
+    r = stack.post("/v1/chat/completions", body)
+    assert r.json()["usage"]["completion_tokens"] == 2 and r.json()["choices"][0]["message"]["content"] == "echo: a"
+    body.update(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, min_tokens=3)
+    with httpx.stream("POST", f"{stack.url}/v1/chat/completions", json=body, timeout=10) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    counts = [e["usage"]["completion_tokens"] for e in events if e.get("choices")]
+    assert counts == sorted(counts) and counts[-1] >= 3  # min_tokens: the stop id at token 2 did not end it
+    assert_error(stack.post("/v1/chat/completions", {**body, "min_tokens": -1}), 400, "invalid_request_error", "")

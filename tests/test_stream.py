@@ -224,3 +224,83 @@ def test_both_backends_count_and_finish_the_same_generation_alike(tiny_llama, tm
     assert results["torch"] == results["onnxruntime-genai"]
     _, ids, finish, _ = results["torch"]
     assert len(ids) <= max_new_tokens and finish in ("stop", "length")
+
+
+def test_token_stream_vllm_extensions_ignore_eos_min_tokens_stop_token_ids():
+    from backends.base import SamplingParams
+
+    pieces = ["a", "b", "STOP", "c", "d", "e"]
+    ignore = TokenStream("r", 1, SamplingParams(max_new_tokens=4, ignore_eos=True), {5}, ListDecoder(pieces))
+    assert [c.finish_reason for c in run(ignore, [0, 5, 1, 5])] == [None, None, None, "length"]
+
+    early = SamplingParams(max_new_tokens=10, min_tokens=3, stop=("STOP",), stop_token_ids=(4,))
+    stream = TokenStream("r", 1, early, {5}, ListDecoder(pieces))
+    chunks = run(stream, [5, 2, 4, 1, 4])  # EOS, a stop string and a stop id inside the first 3: no stop
+    assert [c.finish_reason for c in chunks] == [None, None, None, None, "stop"]
+    assert "".join(c.text for c in chunks) == "eSTOPdbd"  # all text kept, the stop token's own included
+    assert stream.generated == [5, 2, 4, 1, 4]
+
+    with pytest.raises(ValueError, match=r"min_tokens \(5\) must not exceed max_new_tokens \(4\)"):
+        SamplingParams(max_new_tokens=4, min_tokens=5)
+    with pytest.raises(ValueError, match="stop_token_ids must be non-negative integers"):
+        SamplingParams(stop_token_ids=(-1,))
+
+
+@pytest.fixture(scope="module")
+def early_eos_model(tiny_llama, tmp_path_factory):
+    """A copy of the tiny model whose EOS is its 3rd greedy token, and its CPU export: EOS really happens."""
+    import json
+    import shutil
+
+    from backends.base import GenerationRequest, SamplingParams
+    from backends.torch.backend import TorchBackend
+    from plugin.convert import export
+
+    probe = TorchBackend(tiny_llama, device="cpu", dtype="fp32")
+    probe.load()
+    request = GenerationRequest(prompt="The capital of France", sampling=SamplingParams(max_new_tokens=8))
+    ids = [t for c in probe.generate(request) for t in c.token_ids]
+    probe.unload()
+    eos_at = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    folder = shutil.copytree(tiny_llama, tmp_path_factory.mktemp("early-eos") / "model")
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((folder / name).read_text())
+        config["eos_token_id"] = ids[eos_at]
+        (folder / name).write_text(json.dumps(config))
+    home = tmp_path_factory.mktemp("early-eos-home")
+    exported = export(folder, target="cpu", precision="fp32", home=home, progress=False, parity=False)
+    return folder, exported.path, eos_at
+
+
+@pytest.mark.parametrize(
+    ("options", "check"),
+    [
+        ({}, lambda n, finish, eos_at: n == eos_at + 1 and finish == "stop"),
+        ({"ignore_eos": True}, lambda n, finish, eos_at: n == 10 and finish == "length"),
+        ({"min_tokens": 6}, lambda n, finish, eos_at: n >= 6),
+    ],
+    ids=["eos-stops", "ignore_eos", "min_tokens"],
+)
+def test_vllm_extensions_mean_the_same_on_both_backends(early_eos_model, options, check):
+    from backends.base import GenerationRequest, SamplingParams
+    from backends.ort_genai.backend import OrtGenaiBackend
+    from backends.torch.backend import TorchBackend
+
+    model, export_dir, eos_at = early_eos_model
+    results = {}
+    for name, backend in (
+        ("torch", TorchBackend(model, device="cpu", dtype="fp32")),
+        ("onnxruntime-genai", OrtGenaiBackend(export_dir, device="cpu")),
+    ):
+        backend.load()
+        try:
+            request = GenerationRequest(
+                prompt="The capital of France", sampling=SamplingParams(max_new_tokens=10, **options)
+            )
+            chunks = list(backend.generate(request))
+        finally:
+            backend.unload()
+        results[name] = ([t for c in chunks for t in c.token_ids], chunks[-1].finish_reason)
+    assert results["torch"] == results["onnxruntime-genai"]
+    tokens, finish = results["torch"]
+    assert check(len(tokens), finish, eos_at), (tokens, finish, eos_at)

@@ -74,11 +74,15 @@ def detect_precision(model_dir: Path) -> str:
     return "fp32"
 
 
-def search_options(sampling: SamplingParams, max_length: int) -> dict[str, Any]:
-    """onnxruntime-genai search options for one request (its defaults from genai_config are overridden)."""
+def search_options(sampling: SamplingParams, prompt_span: int) -> dict[str, Any]:
+    """onnxruntime-genai search options for one request (its defaults from genai_config are overridden).
+
+    `prompt_span` is the KV positions the prompt takes; min_length keeps EOS from being sampled before
+    min_tokens (or at all, with ignore_eos).
+    """
     options: dict[str, Any] = {
-        "max_length": max_length,
-        "min_length": 0,
+        "max_length": prompt_span + sampling.max_new_tokens,
+        "min_length": prompt_span + sampling.suppressed_until(),
         "num_beams": 1,
         "repetition_penalty": float(sampling.repetition_penalty),
         "random_seed": -1 if sampling.seed is None else int(sampling.seed),
@@ -300,7 +304,7 @@ class OrtGenaiBackend:
             yield stream.end("cancelled")
             return
         params = og.GeneratorParams(model)
-        params.set_search_options(**search_options(sampling, self._prompt_span(len(ids)) + sampling.max_new_tokens))
+        params.set_search_options(**search_options(sampling, self._prompt_span(len(ids))))
         try:
             generator = og.Generator(model, params)
             generator.append_tokens(ids)  # prefill runs here

@@ -71,6 +71,7 @@ class Work:
     prompt_ids: list[int]
     params: SamplingParams
     stream: TokenStream
+    eos_ids: frozenset[int] = frozenset()
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     generator: torch.Generator | None = None
     position: int = 0  # position id of the next token fed to the model
@@ -82,6 +83,12 @@ class Work:
     @property
     def generated(self) -> list[int]:
         return self.stream.generated
+
+    def banned(self) -> list[int]:
+        """Tokens this row may not sample now: EOS under ignore_eos, EOS and stop ids before min_tokens."""
+        n, params = len(self.generated), self.params
+        out = list(self.eos_ids) if params.ignore_eos or n < params.min_tokens else []
+        return out + list(params.stop_token_ids) if n < params.min_tokens else out
 
 
 class BatchRunner:
@@ -222,7 +229,7 @@ class BatchRunner:
             self.last_error = f"{type(e).__name__}: {e}"
             self._end(w, "error", f"prefill failed: {type(e).__name__}: {e}")
             return
-        logits = out.logits[0, -1]
+        logits = _suppress(out.logits[:, -1, :], [w])[0]
         token = self._choose(w, logits) if needs_processing(w.params) else int(logits.argmax(-1))
         if self._accept(w, token):
             return
@@ -284,7 +291,7 @@ class BatchRunner:
             return
         self.cache = out.past_key_values
         self.mask = mask
-        logits = out.logits[:, -1, :]
+        logits = _suppress(out.logits[:, -1, :], rows)
         greedy = logits.argmax(-1).tolist()
         finished = []
         for i, w in enumerate(rows):
@@ -354,6 +361,18 @@ class BatchRunner:
         self.pads = [p - cut for p in self.pads]
 
 
+def _suppress(logits: torch.Tensor, rows: list[Work]) -> torch.Tensor:
+    """Last-position logits [B, vocab] with each row's banned tokens at -inf (a copy only when needed)."""
+    bans = [(i, [t for t in w.banned() if t < logits.shape[-1]]) for i, w in enumerate(rows)]
+    bans = [(i, ids) for i, ids in bans if ids]
+    if not bans:
+        return logits
+    logits = logits.clone()
+    for i, ids in bans:
+        logits[i, ids] = float("-inf")
+    return logits
+
+
 def _supports_logits_to_keep(model: torch.nn.Module) -> dict[str, int]:
     """Ask for last-position logits only when the model's forward takes `logits_to_keep` (saves the lm_head)."""
     import inspect
@@ -376,4 +395,6 @@ def make_work(
     """Build the per-request state: its TokenStream, and its own generator when sampling."""
     generator = make_generator(params.seed, device) if not params.is_greedy else None
     stream = TokenStream(request_id, len(prompt_ids), params, eos_ids, decoder)
-    return Work(request_id=request_id, prompt_ids=prompt_ids, params=params, stream=stream, generator=generator)
+    return Work(
+        request_id=request_id, prompt_ids=prompt_ids, params=params, stream=stream, eos_ids=eos_ids, generator=generator
+    )

@@ -86,6 +86,8 @@ class ChatChunk:
     finish_reason: str | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None
+    prompt_tokens: int = 0  # running counts, for per-chunk usage (vLLM's continuous_usage_stats)
+    completion_tokens: int = 0
 
 
 @dataclass
@@ -481,10 +483,24 @@ class Engine:
                     if t_first is not None and t_last is not None and metrics.new_tokens > 1 and t_last > t_first:
                         metrics.tokens_per_s = (metrics.new_tokens - 1) / (t_last - t_first)
                     self._observe(placement, metrics)
-                    yield ChatChunk(chunk.text, placement, request.request_id, chunk.finish_reason, metrics)
+                    yield ChatChunk(
+                        chunk.text,
+                        placement,
+                        request.request_id,
+                        chunk.finish_reason,
+                        metrics,
+                        prompt_tokens=metrics.prompt_tokens,
+                        completion_tokens=metrics.new_tokens,
+                    )
                     return
                 if chunk.text or chunk.token_ids:
-                    yield ChatChunk(chunk.text, placement, request.request_id)
+                    yield ChatChunk(
+                        chunk.text,
+                        placement,
+                        request.request_id,
+                        prompt_tokens=metrics.prompt_tokens,
+                        completion_tokens=metrics.new_tokens,
+                    )
         finally:
             if not finished:
                 slot.backend.cancel(request.request_id)

@@ -59,6 +59,7 @@ class BadRequest(ValueError):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage so far in every chunk
 
 
 class _GenerationBody(BaseModel):
@@ -77,6 +78,10 @@ class _GenerationBody(BaseModel):
     n: int = 1
     top_k: int | None = None
     repetition_penalty: float | None = None
+    # vLLM's sampling extensions, as serving benchmarks (guidellm, vllm bench serve) send them
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
     accelserve_policy: str | None = None
 
     def check(self) -> None:
@@ -112,12 +117,14 @@ class _GenerationBody(BaseModel):
         max_new = self.max_new_tokens()
         if max_new is not None:
             kwargs["max_new_tokens"] = max_new
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "ignore_eos", "min_tokens"):
             value = getattr(self, name)
             if value is not None:
                 kwargs[name] = value
         if self.stop is not None:
             kwargs["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if self.stop_token_ids is not None:
+            kwargs["stop_token_ids"] = tuple(self.stop_token_ids)
         try:
             return SamplingParams(**kwargs)
         except ValueError as e:
@@ -230,7 +237,7 @@ class ResponseShape:
             "accelserve": {**placement_dict(last.placement, last.metrics), "finish_reason": last.finish_reason},
         }
 
-    def chunk(self, chunk: ChatChunk, first: bool) -> dict[str, Any]:
+    def chunk(self, chunk: ChatChunk, first: bool, continuous_usage: bool = False) -> dict[str, Any]:
         finish = openai_finish_reason(chunk.finish_reason)
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
@@ -242,7 +249,7 @@ class ResponseShape:
         extra = placement_dict(chunk.placement, chunk.metrics)
         if chunk.finish_reason is not None:
             extra["finish_reason"] = chunk.finish_reason
-        return {
+        out = {
             "id": self.id,
             "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
             "created": self.created,
@@ -251,6 +258,14 @@ class ResponseShape:
             "choices": [choice],
             "accelserve": extra,
         }
+        if continuous_usage:
+            done = chunk.completion_tokens
+            out["usage"] = {
+                "prompt_tokens": chunk.prompt_tokens,
+                "completion_tokens": done,
+                "total_tokens": chunk.prompt_tokens + done,
+            }
+        return out
 
     def usage_chunk(self, metrics: RequestMetrics) -> dict[str, Any]:
         """The extra last chunk OpenAI sends when `stream_options.include_usage` is true."""

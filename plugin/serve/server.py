@@ -268,7 +268,8 @@ async def _generate(
     done = _Finisher(metrics, model, endpoint, first.placement.device_id, t0)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _sse(shape, first, stream, include_usage, done)
+        continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+        events = _sse(shape, first, stream, include_usage, done, continuous)
         return _SSEResponse(
             events,
             media_type="text/event-stream",
@@ -371,6 +372,7 @@ async def _sse(
     stream: AsyncIterator[ChatChunk],
     include_usage: bool,
     done: _Finisher,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's stream format. If the client goes away, closing this generator closes
     the engine stream, which cancels the backend and frees its slot."""
@@ -388,7 +390,7 @@ async def _sse(
                 yield _event(err.body())
                 done(500, chunk)
                 break
-            yield _event(shape.chunk(chunk, is_first))
+            yield _event(shape.chunk(chunk, is_first, continuous_usage))
             is_first = False
             if chunk.finish_reason is not None:
                 if include_usage and chunk.metrics is not None:
