@@ -32,6 +32,7 @@ from backends.base import ContextOverflowError, GenerationRequest
 from plugin.engine.engine import ChatChunk, Engine, EngineError, NoDeviceAvailable, Overloaded
 from plugin.engine.explain import placement_headers
 from plugin.serve.metrics import CLIENT_CLOSED, CONTENT_TYPE, ServerMetrics
+from plugin.serve.ollama import add_ollama_routes
 from plugin.serve.schema import (
     BadRequest,
     ChatCompletionBody,
@@ -176,6 +177,8 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None) -> FastAP
     @app.get("/v1/models/{name:path}", dependencies=guarded)
     async def model(name: str) -> dict[str, Any]:
         return _model_card(name, engine_for(name))
+
+    add_ollama_routes(app, engines, check_key)
 
     @app.get("/health")
     async def health() -> JSONResponse:
