@@ -113,7 +113,14 @@ def htp_provider_options(op_affinity: str | Path | None = None) -> dict[str, str
     `op_affinity` (path of an op_affinity.json, see write_op_affinity) is needed only when compiling a QDQ
     graph; loading the precompiled `_ctx.onnx` files does not read it.
     """
-    options = {"backend_type": "htp", "soc_model": SOC_MODEL, "enable_htp_fp16_precision": "1"}
+    options = {
+        "backend_type": "htp",
+        "soc_model": SOC_MODEL,
+        "enable_htp_fp16_precision": "1",
+        # the most thorough graph finalization: the default mode fails real-size w8a16 layers with
+        # QNN_COMMON_ERROR_MEM_ALLOC (1002) on the emulated HTP; mode 3 compiles them
+        "htp_graph_finalization_optimization_mode": "3",
+    }
     if op_affinity is not None:
         options["op_affinity"] = str(Path(op_affinity).resolve())
     return options

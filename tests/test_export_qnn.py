@@ -306,6 +306,15 @@ def test_unsupported_checkpoints_name_the_reason(config, needle):
     assert needle in qnn_unsupported_reason(config, CONTEXT)
 
 
+def test_default_shape_stays_within_the_model_positions():
+    from plugin.convert.qnn import default_qnn_shape
+
+    assert default_qnn_shape({"model_type": "llama", "max_position_embeddings": 8192}, None, None) == (64, 1024)
+    assert default_qnn_shape({"model_type": "gpt2", "n_positions": 256}, None, None) == (64, 256)
+    assert default_qnn_shape({"model_type": "gpt2", "n_positions": 32}, None, None) == (32, 32)
+    assert default_qnn_shape({"model_type": "llama"}, 16, 128) == (16, 128)
+
+
 def test_supported_checkpoints_have_no_reason():
     for arch in PRECISION:
         assert qnn_unsupported_reason({"model_type": arch}, CONTEXT) is None

@@ -253,7 +253,7 @@ def export(
     `window` (prefill window, default 64) shape the HTP pipeline and are part of its cache key.
     """
     from plugin.convert.fused import graph_key_options, resolve_graph
-    from plugin.convert.qnn import DEFAULT_CONTEXT_LENGTH, DEFAULT_WINDOW, check_qnn_request, qnn_key_options
+    from plugin.convert.qnn import check_qnn_request, default_qnn_shape, qnn_key_options
 
     check_target(target, precision)
     if graph == "qnn" and target != "npu":
@@ -261,11 +261,11 @@ def export(
     graph = "qnn" if target == "npu" and graph in ("auto", "qnn") else resolve_graph(graph, target, precision)
     if graph != "qnn" and (context_length is not None or window is not None):
         raise ExportError("context_length and window shape the NPU (QNN HTP) pipeline; use them with target 'npu'")
-    qnn_shape = (window or DEFAULT_WINDOW, context_length or DEFAULT_CONTEXT_LENGTH)
     home_dir = _home(home)
     source, name, ref = _resolve(model_ref, home_dir)
     hf_config = _read_hf_config(source)
     arch = check_architecture(hf_config, source)
+    qnn_shape = default_qnn_shape(hf_config, window, context_length)
     if graph == "qnn":
         check_qnn_request(hf_config, precision, *qnn_shape)
     if precision in ("int4", "int8") and (block_size < 16 or block_size & (block_size - 1)):

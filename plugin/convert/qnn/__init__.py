@@ -25,6 +25,16 @@ DEFAULT_CONTEXT_LENGTH = 1024
 QNN_PRECISIONS = ("int4", "int8")
 
 
+def default_qnn_shape(hf_config: dict[str, Any], window: int | None, context_length: int | None) -> tuple[int, int]:
+    """(window, context_length): the defaults, capped by the positions the model knows when not given."""
+    if context_length is None:
+        known = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or DEFAULT_CONTEXT_LENGTH
+        context_length = min(DEFAULT_CONTEXT_LENGTH, int(known))
+    if window is None:
+        window = min(DEFAULT_WINDOW, context_length)
+    return window, context_length
+
+
 def check_qnn_request(hf_config: dict[str, Any], precision: str, window: int, context_length: int) -> None:
     """Refuse an HTP export before any work: precision, shapes, architecture, runtime present."""
     from backends import qnn_ep

@@ -25,6 +25,7 @@ from plugin.convert.qnn.quantize import (
     QuantReport,
     calibrate,
     infer_shapes,
+    matmul_weights,
     quantize_graph,
     to_int4_blocks,
     wide_range_nodes,
@@ -154,14 +155,15 @@ def build_qnn_package(
         if precision == "int4":
             weights = _fp32_weights(work / graphs.CONTEXT)
             for name in (CONTEXT_QDQ, ITERATOR_QDQ):
-                report.int4_matmuls, report.int8_matmuls = to_int4_blocks(
-                    folder / name, weights, block_size, INT4_SENSITIVE
-                )
+                to_int4_blocks(folder / name, weights, block_size, INT4_SENSITIVE)
             report.block_size = block_size
-        else:
-            report.int8_matmuls = sum(
-                1 for n in onnx.load(str(folder / CONTEXT_QDQ)).graph.node if n.op_type == "MatMul"
-            )
+            report.int8_sensitive = list(INT4_SENSITIVE)
+        formats = matmul_weights(folder / CONTEXT_QDQ)
+        report.int4_matmuls, report.int8_matmuls, report.float_matmuls = (
+            formats["int4"],
+            formats["int8"],
+            formats["float"],
+        )
         report.float_ops = _float_ops(folder / CONTEXT_QDQ)
     shutil.rmtree(work)
     affinity = qnn_ep.write_op_affinity(folder)
@@ -223,10 +225,6 @@ def build_qnn_package(
             "cpu_fallback": "disabled for the context and iterator graphs (session.disable_cpu_ep_fallback=1)",
         },
     }
-
-
-def _count_matmuls(path: Path) -> int:
-    return sum(1 for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == "MatMul")
 
 
 def _float_ops(path: Path) -> dict[str, int]:

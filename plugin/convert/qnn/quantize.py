@@ -10,11 +10,16 @@
   (Sigmoid's fixed output scale, 16-bit MatMul inputs, ...). LayerNormalization (gpt2) stays float and
   runs in fp16 on HTP: QNN rejects it with 16-bit activations and 8-bit weights ("Failed to add node").
   GroupQueryAttention and SimplifiedLayerNormalization have no QDQ form and run in fp16 too.
+- What stays in float (fp16 on HTP, `enable_htp_fp16_precision`): the residual stream and the norms
+  reading it, and every MatMul/Mul whose calibrated span exceeds FLOAT_RANGE. Small LLMs carry a few
+  "massive activations" (SmolLM2: ~13,000 in the residual, down_proj outputs spanning 26,000); one
+  uint16 range over them leaves a step of ~0.4 for every ordinary token. Measured on the default model
+  (CPU run of the QDQ graph, top-1 vs torch): w8a16 0.78 with everything quantized, 0.93 with these
+  in fp16.
 - int4 (`w4a16`): the int8 per-channel weights of every MatMul are replaced by int4 blocks of
   `block_size` along the input dimension (DequantizeLinear with `block_size`, which HTP compiles with
-  soc_model 60), with each block's scale chosen by a small clipping search (least squared error)
-  rather than the plain absmax, the part of int4 accuracy that calibration cannot fix. Matrices listed
-  in `sensitive` keep their 8-bit weights.
+  soc_model 60), each block's scale chosen by a small clipping search (least squared error) rather
+  than the plain absmax. Matrices named in `sensitive` keep their 8-bit weights.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from plugin.convert.errors import ExportError
 from plugin.convert.qnn.graphs import save_with_data
@@ -56,6 +62,8 @@ class QuantReport:
     calibration_method: str = CALIBRATION_METHOD
     int4_matmuls: int = 0
     int8_matmuls: int = 0
+    float_matmuls: int = 0
+    int8_sensitive: list[str] = field(default_factory=list)  # w4a16: matrices kept at 8 bits
     float_ops: dict[str, int] = field(default_factory=dict)
     float_nodes: list[str] = field(default_factory=list)  # wide-range MatMul/Mul kept in fp16
     float_range: float = FLOAT_RANGE
@@ -129,6 +137,22 @@ def qnn_config(model_path: Path, keep_float: list[str] | None = None) -> Any:
         op_types_to_quantize=op_types,
         nodes_to_exclude=[*float_nodes(model), *(keep_float or [])] or None,
     )
+
+
+def matmul_weights(path: Path) -> dict[str, int]:
+    """MatMul count per weight format in a QDQ graph: int4 (blocks), int8 (per channel), float (fp16 on HTP)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    counts = {"int4": 0, "int8": 0, "float": 0}
+    for n in graph.node:
+        if n.op_type != "MatMul":
+            continue
+        dq = producers.get(n.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            counts["float"] += 1
+        else:
+            counts["int4" if any(a.name == "block_size" for a in dq.attribute) else "int8"] += 1
+    return counts
 
 
 def float_nodes(model: onnx.ModelProto) -> list[str]:
@@ -247,10 +271,10 @@ def to_int4_blocks(
             continue
         q, scale = _int4_blocks(w.astype(np.float32), block)
         qname, sname, zname = f"{float_name}_int4", f"{float_name}_int4_scale", f"{float_name}_int4_zero_point"
-        graph.initializer.append(helper.make_tensor(qname, TensorProto.INT4, list(q.shape), q.flatten().tolist()))
+        # ml_dtypes.int4 gives packed raw bytes, which go to the external data file like every weight
+        graph.initializer.append(numpy_helper.from_array(q.astype(ml_dtypes.int4), qname))
         graph.initializer.append(numpy_helper.from_array(scale, sname))
-        zero = np.zeros(scale.shape, np.int8)
-        graph.initializer.append(helper.make_tensor(zname, TensorProto.INT4, list(zero.shape), zero.flatten().tolist()))
+        graph.initializer.append(numpy_helper.from_array(np.zeros(scale.shape, ml_dtypes.int4), zname))
         for name in dq.input:
             if name in inits:
                 graph.initializer.remove(inits.pop(name))
