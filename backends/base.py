@@ -15,6 +15,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 MAX_SEED = 2**31 - 1
+MAX_TOP_LOGPROBS = 20
 
 
 class BackendError(RuntimeError):
@@ -41,6 +42,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS, up to max_new_tokens
     min_tokens: int = 0  # no EOS, stop token or stop string ends the reply before this many tokens
     stop_token_ids: tuple[int, ...] = ()  # token ids that end the reply like EOS (kept in the count)
+    logprobs: int | None = None  # None: off; N: each generated token's log-probability and the N most likely
 
     def __post_init__(self) -> None:
         problems = []
@@ -71,6 +73,10 @@ class SamplingParams:
             problems.append(f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
         if not isinstance(self.stop_token_ids, tuple):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= 20
+        ):
+            problems.append(f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS} (got {self.logprobs!r})")
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in self.stop_token_ids):
             problems.append(f"stop_token_ids must be non-negative integers (got {list(self.stop_token_ids)!r})")
         if problems:
@@ -110,6 +116,15 @@ class GenerationRequest:
                     raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content' (got {m!r})")
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw distribution, and the most likely tokens."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
 @dataclass
 class TokenChunk:
     """A piece of a streamed reply. The last chunk of a stream has finish_reason set."""
@@ -120,6 +135,7 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from backends.base import FinishReason, SamplingParams, TokenChunk
+import numpy as np
+
+from backends.base import FinishReason, SamplingParams, TokenChunk, TokenLogprob
 from backends.detok import StreamDecoder
 
 
@@ -66,6 +68,19 @@ class StopStringMatcher:
         return 0
 
 
+def token_logprob(logits: np.ndarray, token: int, top_n: int) -> TokenLogprob:
+    """`token`'s log-probability under softmax(`logits`) (one row, [vocab]) and the `top_n` most likely tokens."""
+    row = np.asarray(logits, dtype=np.float64).reshape(-1)
+    shifted = row - row.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    top: tuple[tuple[int, float], ...] = ()
+    if top_n > 0:
+        best = np.argpartition(-logprobs, top_n - 1)[:top_n]
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        top = tuple((int(i), float(logprobs[i])) for i in best)
+    return TokenLogprob(int(token), float(logprobs[token]), top)
+
+
 class TokenStream:
     """One request's stream: `push` each sampled token, `end` when the runtime stops for its own reason."""
 
@@ -87,6 +102,7 @@ class TokenStream:
         self.stops = StopStringMatcher(sampling.stop)
         self.generated: list[int] = []
         self.finish_reason: FinishReason | None = None
+        self._logprob: TokenLogprob | None = None
 
     @property
     def done(self) -> bool:
@@ -96,11 +112,12 @@ class TokenStream:
     def remaining(self) -> int:
         return self.max_new_tokens - len(self.generated)
 
-    def push(self, token: int) -> TokenChunk:
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> TokenChunk:
         """Account one sampled token; the returned chunk carries finish_reason when it ended the stream."""
         if self.done:
             raise RuntimeError(f"request {self.request_id}: token pushed after the stream finished")
         token = int(token)
+        self._logprob = logprob
         self.generated.append(token)
         may_stop = len(self.generated) > self.min_tokens
         if token in self.eos_ids and may_stop:
@@ -141,4 +158,6 @@ class TokenStream:
         self, token_ids: list[int], text: str, reason: FinishReason | None, error: str | None = None
     ) -> TokenChunk:
         self.finish_reason = reason
-        return TokenChunk(self.request_id, text, token_ids, reason, self.prompt_tokens, error)
+        logprobs = [self._logprob] if token_ids and self._logprob is not None else None
+        self._logprob = None
+        return TokenChunk(self.request_id, text, token_ids, reason, self.prompt_tokens, error, logprobs)

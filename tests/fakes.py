@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from backends.base import BackendCapabilities, BackendHealth, GenerationRequest, TokenChunk
+from backends.base import BackendCapabilities, BackendHealth, GenerationRequest, TokenChunk, TokenLogprob
 from backends.stream import TokenStream
 from plugin.engine.devices import DeviceInfo
 
@@ -103,9 +103,12 @@ class FakeBackend:
             self.active.add(request.request_id)
             self.served.append(request.request_id)
             self.max_running = max(self.max_running, len(self.active))
-        return self._run(request.request_id, stream, len(words), request.sampling.suppressed_until())
+        top = request.sampling.logprobs
+        return self._run(request.request_id, stream, len(words), request.sampling.suppressed_until(), top)
 
-    def _run(self, rid: str, stream: TokenStream, n_words: int, no_eos_before: int) -> Iterator[TokenChunk]:
+    def _run(
+        self, rid: str, stream: TokenStream, n_words: int, no_eos_before: int, top: int | None = None
+    ) -> Iterator[TokenChunk]:
         # the words, then EOS; like a runtime's min_length, EOS is not sampled before `no_eos_before` tokens
         tokens = [*range(n_words), *range(n_words, max(no_eos_before, n_words)), FAKE_EOS]
         try:
@@ -118,7 +121,9 @@ class FakeBackend:
                     return
                 if self.token_delay_s:
                     time.sleep(self.token_delay_s)
-                chunk = stream.push(token)
+                # a made-up distribution when logprobs are asked for: the chosen token is the most likely
+                logprob = None if top is None else TokenLogprob(token, -0.25, ((token, -0.25), (399, -2.0))[:top])
+                chunk = stream.push(token, logprob)
                 yield chunk
                 if chunk.finish_reason is not None:
                     return

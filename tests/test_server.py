@@ -600,3 +600,34 @@ def test_vllm_extensions_are_accepted_and_honoured(stack):
     counts = [e["usage"]["completion_tokens"] for e in events if e.get("choices")]
     assert counts == sorted(counts) and counts[-1] >= 3  # min_tokens: the stop id at token 2 did not end it
     assert_error(stack.post("/v1/chat/completions", {**body, "min_tokens": -1}), 400, "invalid_request_error", "")
+
+
+def test_logprobs_in_openai_shape_streamed_and_not(stack):
+    client = stack.client()
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "a b"}], logprobs=True, top_logprobs=2
+    )
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens  # one entry per generated token, EOS included
+    assert all(c.logprob == c.top_logprobs[0].logprob and len(c.top_logprobs) == 2 for c in content)
+    assert content[0].bytes == list(content[0].token.encode())
+    plain = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a b"}])
+    assert plain.choices[0].logprobs is None
+    streamed = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "a b"}], logprobs=True, stream=True
+    )
+    entries = [
+        c for chunk in streamed for c in (chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else [])
+    ]
+    assert len(entries) == len(content) and all(c.top_logprobs == [] for c in entries)
+    completion = client.completions.create(model="tiny", prompt="x y", logprobs=1, max_tokens=3)
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 3 and lp.text_offset[0] == 0
+    assert_error(
+        stack.post(
+            "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}
+        ),
+        400,
+        "invalid_request_error",
+        "top_logprobs needs logprobs",
+    )

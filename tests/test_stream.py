@@ -304,3 +304,45 @@ def test_vllm_extensions_mean_the_same_on_both_backends(early_eos_model, options
     assert results["torch"] == results["onnxruntime-genai"]
     tokens, finish = results["torch"]
     assert check(len(tokens), finish, eos_at), (tokens, finish, eos_at)
+
+
+def test_token_logprob_is_log_softmax_and_ranks_the_top():
+    import numpy as np
+
+    from backends.stream import token_logprob
+
+    logits = np.array([1.0, 3.0, 2.0, -1.0])
+    lp = token_logprob(logits, 2, 3)
+    expected = logits - np.log(np.exp(logits).sum())
+    assert lp.logprob == pytest.approx(expected[2])
+    assert [i for i, _ in lp.top] == [1, 2, 0] and lp.top[0][1] == pytest.approx(expected[1])
+    assert token_logprob(logits, 1, 0).top == ()
+
+
+def test_logprobs_agree_between_backends_and_greedy_tokens_are_the_most_likely(tiny_llama, tmp_path):
+    from backends.base import GenerationRequest, SamplingParams
+    from backends.ort_genai.backend import OrtGenaiBackend
+    from backends.torch.backend import TorchBackend
+    from plugin.convert import export
+
+    exported = export(tiny_llama, target="cpu", precision="fp32", home=tmp_path, progress=False, parity=False)
+    results = {}
+    for name, backend in (
+        ("torch", TorchBackend(tiny_llama, device="cpu", dtype="fp32")),
+        ("onnxruntime-genai", OrtGenaiBackend(exported.path, device="cpu")),
+    ):
+        backend.load()
+        try:
+            sampling = SamplingParams(max_new_tokens=6, logprobs=3)
+            chunks = list(backend.generate(GenerationRequest(prompt="The capital of France", sampling=sampling)))
+        finally:
+            backend.unload()
+        entries = [lp for c in chunks for lp in (c.logprobs or [])]
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert [e.token_id for e in entries] == tokens  # one entry per generated token, EOS included
+        for e in entries:  # greedy: the chosen token is the most likely one
+            assert len(e.top) == 3 and e.top[0][0] == e.token_id and e.logprob == pytest.approx(e.top[0][1])
+            assert e.logprob <= 0
+        results[name] = entries
+    for a, b in zip(results["torch"], results["onnxruntime-genai"], strict=True):
+        assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-3)

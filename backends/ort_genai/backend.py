@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from backends.base import (
     BackendCapabilities,
     BackendError,
@@ -26,7 +28,7 @@ from backends.base import (
 )
 from backends.ort_genai.providers import ProviderSpec, load_with_fallback, preference_for
 from backends.prompt import PromptEncoder
-from backends.stream import TokenStream
+from backends.stream import TokenStream, token_logprob
 
 log = logging.getLogger(__name__)
 
@@ -319,12 +321,15 @@ class OrtGenaiBackend:
                 yield stream.end("length")
                 return
             try:
+                # onnxruntime-genai computes the next step's logits eagerly: read them before sampling from them
+                logits = None if sampling.logprobs is None else np.array(generator.get_logits())
                 generator.generate_next_token()
                 token = int(generator.get_next_tokens()[0])
+                logprob = None if logits is None else token_logprob(logits, token, sampling.logprobs)
             except Exception as exc:
                 self._last_error = str(exc)
                 raise BackendError(f"onnxruntime-genai failed while decoding ({self.provider}): {exc}") from exc
-            chunk = stream.push(token)
+            chunk = stream.push(token, logprob)
             yield chunk
             if chunk.finish_reason is not None:
                 return

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from backends.base import FinishReason, SamplingParams, TokenChunk
+from backends.base import FinishReason, SamplingParams, TokenChunk, TokenLogprob
 from backends.detok import StreamDecoder
-from backends.stream import TokenStream
+from backends.stream import TokenStream, token_logprob
 from backends.torch.sampling import choose_token, make_generator, needs_processing
 
 log = logging.getLogger(__name__)
@@ -229,9 +229,10 @@ class BatchRunner:
             self.last_error = f"{type(e).__name__}: {e}"
             self._end(w, "error", f"prefill failed: {type(e).__name__}: {e}")
             return
-        logits = _suppress(out.logits[:, -1, :], [w])[0]
+        raw = out.logits[:, -1, :]
+        logits = _suppress(raw, [w])[0]
         token = self._choose(w, logits) if needs_processing(w.params) else int(logits.argmax(-1))
-        if self._accept(w, token):
+        if self._accept(w, token, _logprob(w, raw[0], token)):
             return
         self._join(w, out.past_key_values)
         self.peak_batch = max(self.peak_batch, len(self.rows))
@@ -291,13 +292,14 @@ class BatchRunner:
             return
         self.cache = out.past_key_values
         self.mask = mask
-        logits = _suppress(out.logits[:, -1, :], rows)
+        raw = out.logits[:, -1, :]
+        logits = _suppress(raw, rows)
         greedy = logits.argmax(-1).tolist()
         finished = []
         for i, w in enumerate(rows):
             w.position += 1
             token = self._choose(w, logits[i]) if needs_processing(w.params) else greedy[i]
-            if self._accept(w, token):
+            if self._accept(w, token, _logprob(w, raw[i], token)):
                 finished.append(i)
         self._remove_rows(finished)
 
@@ -307,9 +309,9 @@ class BatchRunner:
             seen = torch.tensor(w.prompt_ids + w.generated, dtype=torch.long, device=logits.device)
         return choose_token(logits, w.params, seen, w.generator)
 
-    def _accept(self, w: Work, token: int) -> bool:
+    def _accept(self, w: Work, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Stream a new token through the request's TokenStream; return True when the request is finished."""
-        chunk = w.stream.push(token)
+        chunk = w.stream.push(token, logprob)
         if chunk.finish_reason is not None:
             self._finish(w, chunk)
             return True
@@ -359,6 +361,13 @@ class BatchRunner:
             layer.values = layer.values[idx, :, cut:]
         self.mask = self.mask[idx, cut:]
         self.pads = [p - cut for p in self.pads]
+
+
+def _logprob(w: Work, raw_logits: torch.Tensor, token: int) -> TokenLogprob | None:
+    """The token's log-probability under the raw model output, when the request asked for logprobs."""
+    if w.params.logprobs is None:
+        return None
+    return token_logprob(raw_logits.float().cpu().numpy(), token, w.params.logprobs)
 
 
 def _suppress(logits: torch.Tensor, rows: list[Work]) -> torch.Tensor:

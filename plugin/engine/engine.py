@@ -36,6 +36,7 @@ from backends.base import (
     GenerationRequest,
     SamplingParams,
     TokenChunk,
+    TokenLogprob,
 )
 from backends.memory import device_budget, fits
 from backends.prompt import PromptEncoder
@@ -88,6 +89,7 @@ class ChatChunk:
     error: str | None = None
     prompt_tokens: int = 0  # running counts, for per-chunk usage (vLLM's continuous_usage_stats)
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # this chunk's tokens, when the request asked for logprobs
 
 
 @dataclass
@@ -97,6 +99,7 @@ class ChatReply:
     metrics: RequestMetrics
     finish_reason: str
     request_id: str = ""
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
 
 
 @dataclass
@@ -491,6 +494,7 @@ class Engine:
                         metrics,
                         prompt_tokens=metrics.prompt_tokens,
                         completion_tokens=metrics.new_tokens,
+                        logprobs=chunk.logprobs,
                     )
                     return
                 if chunk.text or chunk.token_ids:
@@ -500,6 +504,7 @@ class Engine:
                         request.request_id,
                         prompt_tokens=metrics.prompt_tokens,
                         completion_tokens=metrics.new_tokens,
+                        logprobs=chunk.logprobs,
                     )
         finally:
             if not finished:
@@ -669,12 +674,21 @@ def _sampling(kwargs: dict[str, Any]) -> SamplingParams:
 
 def _collect(chunks: Iterator[ChatChunk]) -> ChatReply:
     parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
     last: ChatChunk | None = None
     for chunk in chunks:
         parts.append(chunk.text)
+        logprobs.extend(chunk.logprobs or [])
         last = chunk
     if last is None or last.metrics is None:
         raise EngineError("the backend ended the stream without a final chunk")
     if last.finish_reason == "error":
         raise EngineError(f"generation failed on {last.placement.device_id}: {last.error}")
-    return ChatReply("".join(parts), last.placement, last.metrics, last.finish_reason or "stop", last.request_id)
+    return ChatReply(
+        "".join(parts),
+        last.placement,
+        last.metrics,
+        last.finish_reason or "stop",
+        last.request_id,
+        logprobs if logprobs else None,
+    )

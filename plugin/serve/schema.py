@@ -8,12 +8,13 @@ does) so a typo never silently changes generation. Extensions: `top_k`, `repetit
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import GenerationRequest, SamplingParams
+from backends.base import GenerationRequest, SamplingParams, TokenLogprob
 from plugin.engine.engine import ChatChunk, RequestMetrics
 from plugin.engine.explain import placement_dict
 from plugin.engine.scheduler import POLICIES
@@ -22,8 +23,6 @@ from plugin.engine.scheduler import POLICIES
 _IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key"}
 # Features this server does not implement: refused unless left at their "off" value.
 _UNSUPPORTED_FIELDS = {
-    "logprobs",
-    "top_logprobs",
     "tools",
     "tool_choice",
     "functions",
@@ -82,6 +81,9 @@ class _GenerationBody(BaseModel):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
+    # chat: logprobs (bool) + top_logprobs (0-20); completions: logprobs (int, the number of alternatives)
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     accelserve_policy: str | None = None
 
     def check(self) -> None:
@@ -111,6 +113,14 @@ class _GenerationBody(BaseModel):
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
 
+    def logprobs_requested(self) -> int | None:
+        """How many alternatives per token were asked for (None: no logprobs). Completions: `logprobs: N`."""
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        if self.logprobs is True:
+            raise BadRequest("logprobs is a number of alternatives on /v1/completions (0-20), not true", "logprobs")
+        return self.logprobs
+
     def sampling(self) -> SamplingParams:
         """SamplingParams from the OpenAI fields; invalid values raise ValueError (-> 400) with the reason."""
         kwargs: dict[str, Any] = {}
@@ -125,6 +135,9 @@ class _GenerationBody(BaseModel):
             kwargs["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if self.stop_token_ids is not None:
             kwargs["stop_token_ids"] = tuple(self.stop_token_ids)
+        top = self.logprobs_requested()
+        if top is not None:
+            kwargs["logprobs"] = top
         try:
             return SamplingParams(**kwargs)
         except ValueError as e:
@@ -158,6 +171,16 @@ class ChatCompletionBody(_GenerationBody):
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprobs_requested(self) -> int | None:
+        """Chat: `logprobs: true` turns them on, `top_logprobs` (0-20) says how many alternatives."""
+        if self.top_logprobs is not None and self.logprobs is not True:
+            raise BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        if self.logprobs is not True:
+            raise BadRequest(f"logprobs must be true or false on /v1/chat/completions (got {self.logprobs!r})")
+        return self.top_logprobs or 0
 
     def to_request(self) -> GenerationRequest:
         self.check()
@@ -211,6 +234,34 @@ class ResponseShape:
     model: str
     request_id: str
     created: int = 0
+    token_text: Callable[[int], str] | None = None  # id -> text, for logprobs
+
+    def logprobs(self, entries: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for these tokens (None when the request did not ask for them)."""
+        if entries is None or self.token_text is None:
+            return None
+        text = self.token_text
+        if self.kind == "chat":
+
+            def item(token_id: int, lp: float) -> dict[str, Any]:
+                t = text(token_id)
+                return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+
+            content = [
+                {**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries
+            ]
+            return {"content": content, "refusal": None}
+        tokens = [text(e.token_id) for e in entries]
+        offsets, pos = [], offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text(i): lp for i, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
 
     def __post_init__(self) -> None:
         self.created = self.created or int(time.time())
@@ -219,12 +270,13 @@ class ResponseShape:
     def id(self) -> str:
         return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.request_id
 
-    def full(self, text: str, last: ChatChunk) -> dict[str, Any]:
+    def full(self, text: str, last: ChatChunk, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
         assert last.metrics is not None
+        lp = self.logprobs(logprobs)
         if self.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None}
+            choice = {"index": 0, "text": text, "logprobs": lp}
         choice["finish_reason"] = openai_finish_reason(last.finish_reason)
         return {
             "id": self.id,
@@ -243,9 +295,11 @@ class ResponseShape:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if chunk.text or first:
                 delta["content"] = chunk.text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            lp = self.logprobs(chunk.logprobs)
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": finish}
+            lp = self.logprobs(chunk.logprobs)
+            choice = {"index": 0, "text": chunk.text, "logprobs": lp, "finish_reason": finish}
         extra = placement_dict(chunk.placement, chunk.metrics)
         if chunk.finish_reason is not None:
             extra["finish_reason"] = chunk.finish_reason

@@ -245,7 +245,7 @@ async def _generate(
     A client that leaves before its reply is complete cancels the generation (streamed or not)."""
     model = body.model
     t0 = time.perf_counter()
-    shape = ResponseShape(kind, model, request.request_id)  # type: ignore[arg-type]
+    shape = ResponseShape(kind, model, request.request_id, token_text=_token_text(engine))  # type: ignore[arg-type]
     endpoint = "chat" if kind == "chat" else "completions"
     metrics.in_flight.labels(model=model).inc()
     stream = engine.astream(request, policy=body.accelserve_policy)
@@ -279,11 +279,14 @@ async def _generate(
             headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
 
+    logprobs: list = list(first.logprobs or [])
+
     async def rest() -> tuple[list[str], ChatChunk]:
         parts, last = [first.text], first
         while last.finish_reason is None:
             last = await anext(stream)
             parts.append(last.text)
+            logprobs.extend(last.logprobs or [])
         return parts, last
 
     try:
@@ -312,7 +315,17 @@ async def _generate(
         err.headers = headers
         raise err
     done(200, last)
-    return JSONResponse(shape.full("".join(parts), last), headers=headers)
+    asked = request.sampling.logprobs is not None
+    return JSONResponse(shape.full("".join(parts), last, logprobs if asked else None), headers=headers)
+
+
+def _token_text(engine: Engine) -> Any:
+    """id -> the token's text, special tokens included (as logprobs show them)."""
+
+    def text(token_id: int) -> str:
+        return engine.prompt_encoder().tokenizer.decode([token_id], skip_special_tokens=False)
+
+    return text
 
 
 class _ClientGone(Exception):
