@@ -155,3 +155,13 @@ def test_default_model_answers_paris_on_emulated_htp_through_the_cli(capsys):
     assert placement["device"] == "npu" and placement["provider"] == "QNNExecutionProvider"
     assert placement["emulated"] is True and placement["simulated"] is False
     assert "Paris" in reply["text"], reply["text"]
+
+
+def test_an_htp_package_never_loads_under_another_providers_name(htp_package):
+    """Asked for the CPU (a simulated NPU), an HTP package refuses rather than run QNN labelled as the CPU."""
+    from backends.base import BackendError
+
+    simulated = OrtGenaiBackend(htp_package, device="npu", simulated=True)
+    with pytest.raises(BackendError, match="runs on the QNN provider only"):
+        simulated.load()
+    assert "compiled for Qualcomm's HTP" in simulated.load_attempts[0][1]

@@ -191,14 +191,23 @@ def build_config(model_dir: Path, spec: ProviderSpec, num_threads: int | None = 
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
+    if is_pipeline(model_dir):
+        # An HTP package: its precompiled graphs name QNN in their own session options (embeddings and lm_head
+        # stay on the CPU by design). It loads as written, on QNN only: clearing the top-level providers would
+        # not move those graphs, so any other provider would be reported while QNN ran.
+        if spec.key != "qnn":
+            raise BackendError(
+                f"{model_dir} is a static-shape package compiled for Qualcomm's HTP: it runs on the QNN provider "
+                f"only, not on {spec.ort_name}. For this device, export the model for it (e.g. --target cpu)"
+            )
+        from backends import qnn_ep
+
+        qnn_ep.register()
+        return config
     if spec.key == "qnn":
         from backends import qnn_ep
 
         qnn_ep.register()
-        if is_pipeline(model_dir):
-            # an HTP package: its precompiled graphs name QNN with their own options, and embeddings and
-            # lm_head stay on the CPU by design; load it as written
-            return config
     config.clear_providers()
     if spec.key != "cpu":
         config.append_provider(spec.genai_name)
