@@ -23,10 +23,11 @@ What each provider needs (onnxruntime, OpenVINO, Ryzen AI documentation):
 - CPU: fp32, int8 and int4 MatMulNBits; fp16 graphs load and run, slower than fp32 (the CPU target does
   not build fp16, but a GPU export still loads on the CPU floor).
 
-So target="npu" on any machine produces the format every NPU-capable path can start from and that
-always loads somewhere: an int4 (or int8) MatMulNBits graph whose genai_config names the CPU provider
-(the floor); the backend decides at load time whether a present NPU provider takes it. The manifest's
-`providers` section records, per provider, whether this folder can load there and why.
+The paragraphs above describe the Optimum/fused graphs (targets cpu and gpu, or graph="plain"/"fused").
+target="npu" builds what QNN HTP needs instead (graph "qnn", plugin/export/qnn/): a static-shape QDQ
+decoder pipeline whose transformer graphs are compiled HTP binaries; `qnn_providers_report` says where
+that folder loads. The manifest's `providers` section records, per provider, whether a folder can load
+there and why.
 """
 
 from __future__ import annotations

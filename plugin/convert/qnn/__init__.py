@@ -70,8 +70,11 @@ def qnn_key_options(window: int, context_length: int) -> dict[str, Any]:
         qnn_version = metadata.version("onnxruntime-qnn")
     except metadata.PackageNotFoundError:
         qnn_version = "missing"
+    from backends import qnn_ep
+
     return {
         "onnxruntime-qnn": qnn_version,
+        "htp_options": qnn_ep.htp_provider_options(),  # the compiled binaries depend on them
         "graph": "qnn",
         "qnn_format": QNN_FORMAT,
         "window": window,
