@@ -24,7 +24,7 @@ What each provider needs (onnxruntime, OpenVINO, Ryzen AI documentation):
   not build fp16, but a GPU export still loads on the CPU floor).
 
 The paragraphs above describe the Optimum/fused graphs (targets cpu and gpu, or graph="plain"/"fused").
-target="npu" builds what QNN HTP needs instead (graph "qnn", plugin/export/qnn/): a static-shape QDQ
+target="npu" builds what QNN HTP needs instead (graph "qnn", plugin/convert/qnn/): a static-shape QDQ
 decoder pipeline whose transformer graphs are compiled HTP binaries; `qnn_providers_report` says where
 that folder loads. The manifest's `providers` section records, per provider, whether a folder can load
 there and why.
