@@ -111,21 +111,19 @@ def test_forced_failing_provider_falls_back_to_cpu(tiny_export: Path) -> None:
 
 
 def test_default_npu_order_tries_each_provider_for_real(tiny_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With detection bypassed, every NPU provider really fails to load in this build, in preference order."""
+    """With detection bypassed, the NPU providers are really tried in preference order until one loads.
+
+    Which one loads depends on the machine (with onnxruntime-qnn installed, QNN takes this CPU graph with
+    CPU fallback for its nodes; that is why real placements consult the export's manifest first)."""
     import backends.ort_genai.providers as providers
 
     monkeypatch.setattr(providers, "unavailable_reason", lambda spec: None)
     monkeypatch.setattr(providers, "export_support", lambda folder: {})
     b = OrtGenaiBackend(tiny_export, device="npu")
     b.load()
-    if b.provider != "CPUExecutionProvider":
-        pytest.skip(f"this machine has a real accelerator provider: {b.provider}")
-    assert [p for p, _ in b.load_attempts] == [
-        "QNNExecutionProvider",
-        "OpenVINOExecutionProvider",
-        "VitisAIExecutionProvider",
-        "DmlExecutionProvider",
-    ]
+    order = [spec.ort_name for spec in preference_for("npu")]
+    tried = [p for p, _ in b.load_attempts]
+    assert order[: len(tried) + 1] == [*tried, b.provider]
     assert all(reason.startswith("load failed") for _, reason in b.load_attempts)
 
 
