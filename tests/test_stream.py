@@ -192,35 +192,48 @@ def test_token_stream_cancel_and_error_drop_held_text():
     assert chunk.finish_reason == "error" and chunk.error == "device lost"
 
 
-@pytest.mark.parametrize("max_new_tokens", [3, 40])
-def test_both_backends_count_and_finish_the_same_generation_alike(tiny_llama, tmp_path, max_new_tokens):
-    """Same model, greedy: torch and onnxruntime-genai give the same text, token ids, count and finish reason."""
-    from backends.base import GenerationRequest, SamplingParams
+def chunks_on_both_backends(model, request_for) -> dict[str, list]:
+    """Run `request_for()` (a fresh GenerationRequest) on torch and on onnxruntime-genai over the same fp32 model."""
+    import tempfile
+    from pathlib import Path
+
     from backends.ort_genai.backend import OrtGenaiBackend
     from backends.torch.backend import TorchBackend
     from plugin.convert import export
 
-    exported = export(tiny_llama, target="cpu", precision="fp32", home=tmp_path, progress=False, parity=False)
-    results = {}
-    for name, backend in (
-        ("torch", TorchBackend(tiny_llama, device="cpu", dtype="fp32")),
-        ("onnxruntime-genai", OrtGenaiBackend(exported.path, device="cpu")),
-    ):
-        backend.load()
-        try:
-            request = GenerationRequest(
-                messages=[{"role": "user", "content": "The capital of France"}],
-                sampling=SamplingParams(max_new_tokens=max_new_tokens),
-            )
-            chunks = list(backend.generate(request))
-        finally:
-            backend.unload()
-        results[name] = (
+    with tempfile.TemporaryDirectory() as home:
+        exported = export(model, target="cpu", precision="fp32", home=Path(home), progress=False, parity=False)
+        out = {}
+        for name, backend in (
+            ("torch", TorchBackend(model, device="cpu", dtype="fp32")),
+            ("onnxruntime-genai", OrtGenaiBackend(exported.path, device="cpu")),
+        ):
+            backend.load()
+            try:
+                out[name] = list(backend.generate(request_for()))
+            finally:
+                backend.unload()
+    return out
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 40])
+def test_both_backends_count_and_finish_the_same_generation_alike(tiny_llama, max_new_tokens):
+    """Same model, greedy: torch and onnxruntime-genai give the same text, token ids, count and finish reason."""
+    from backends.base import GenerationRequest, SamplingParams
+
+    def request():
+        messages = [{"role": "user", "content": "The capital of France"}]
+        return GenerationRequest(messages=messages, sampling=SamplingParams(max_new_tokens=max_new_tokens))
+
+    results = {
+        name: (
             "".join(c.text for c in chunks),
             [t for c in chunks for t in c.token_ids],
             chunks[-1].finish_reason,
             chunks[-1].prompt_tokens,
         )
+        for name, chunks in chunks_on_both_backends(tiny_llama, request).items()
+    }
     assert results["torch"] == results["onnxruntime-genai"]
     _, ids, finish, _ = results["torch"]
     assert len(ids) <= max_new_tokens and finish in ("stop", "length")
@@ -319,24 +332,14 @@ def test_token_logprob_is_log_softmax_and_ranks_the_top():
     assert token_logprob(logits, 1, 0).top == ()
 
 
-def test_logprobs_agree_between_backends_and_greedy_tokens_are_the_most_likely(tiny_llama, tmp_path):
+def test_logprobs_agree_between_backends_and_greedy_tokens_are_the_most_likely(tiny_llama):
     from backends.base import GenerationRequest, SamplingParams
-    from backends.ort_genai.backend import OrtGenaiBackend
-    from backends.torch.backend import TorchBackend
-    from plugin.convert import export
 
-    exported = export(tiny_llama, target="cpu", precision="fp32", home=tmp_path, progress=False, parity=False)
+    def request():
+        return GenerationRequest(prompt="The capital of France", sampling=SamplingParams(max_new_tokens=6, logprobs=3))
+
     results = {}
-    for name, backend in (
-        ("torch", TorchBackend(tiny_llama, device="cpu", dtype="fp32")),
-        ("onnxruntime-genai", OrtGenaiBackend(exported.path, device="cpu")),
-    ):
-        backend.load()
-        try:
-            sampling = SamplingParams(max_new_tokens=6, logprobs=3)
-            chunks = list(backend.generate(GenerationRequest(prompt="The capital of France", sampling=sampling)))
-        finally:
-            backend.unload()
+    for name, chunks in chunks_on_both_backends(tiny_llama, request).items():
         entries = [lp for c in chunks for lp in (c.logprobs or [])]
         tokens = [t for c in chunks for t in c.token_ids]
         assert [e.token_id for e in entries] == tokens  # one entry per generated token, EOS included

@@ -30,7 +30,11 @@ def prepare(model: ResolvedModel, model_format: str, device: DeviceInfo, precisi
     if model_format == ONNX_GENAI:
         from plugin.convert import export
 
-        return export(model.path, target=export_target(device), precision=precision).path
+        target = export_target(device)
+        # The reference, not the folder: `accelserve export default` and serving "default" share one cache entry.
+        # An NPU package's parity check runs for many minutes on an emulator; serving builds it without and
+        # `accelserve export --target npu` measures it (a later export with parity adds it to the same entry).
+        return export(model.ref, target=target, precision=precision, parity=target != "npu").path
     raise BackendError(f"no converter for model format {model_format!r}; known: {HF_CHECKPOINT!r}, {ONNX_GENAI!r}")
 
 

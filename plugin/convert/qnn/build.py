@@ -17,6 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from plugin.convert.errors import ExportError
+from plugin.convert.onnx_files import save_model
 from plugin.convert.qnn import calibration, graphs
 from plugin.convert.qnn.compile import compile_context, context_files
 from plugin.convert.qnn.config import build_pipeline_config, choose_pad_token
@@ -91,7 +92,7 @@ def write_fp32_pipeline(spec: Any, folder: Path, work: Path, window: int, contex
     graphs.write_cpu_graphs(spec, folder)
     for name, seq in ((graphs.CONTEXT, window), (graphs.ITERATOR, 1)):
         raw = work / f"raw-{name}"
-        graphs.save_with_data(graphs.transformer_graph(spec, seq, context_length), raw)
+        save_model(graphs.transformer_graph(spec, seq, context_length), raw)
         infer_shapes(raw, work / name)
         raw.unlink()
         raw.with_name(raw.name + ".data").unlink(missing_ok=True)

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from plugin.convert.onnx_files import save_model
 from plugin.convert.qnn.spec import LayerWeights, ModelSpec
 
 OPSET = 21  # 16-bit and 4-bit QuantizeLinear/DequantizeLinear in the ONNX domain
@@ -191,24 +192,9 @@ def lm_head_graph(spec: ModelSpec, table_name: str = "lm_head.weight") -> onnx.M
     return _model(helper.make_graph(g.nodes, "lm_head", [inp], [out], g.inits))
 
 
-def save_with_data(model: onnx.ModelProto, path: Path) -> None:
-    """Save with weights in `<name>.data` beside it (one file)."""
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
-
-
 def write_cpu_graphs(spec: ModelSpec, folder: Path) -> None:
     """embeddings.onnx (+ .data) and lm_head.onnx; a tied lm_head points into the embedding's data file."""
-    save_with_data(embeddings_graph(spec), folder / EMBEDDINGS)
+    save_model(embeddings_graph(spec), folder / EMBEDDINGS)
     head = lm_head_graph(spec, "embed_tokens.weight" if spec.tied else "lm_head.weight")
     if spec.tied:
         saved = onnx.load(str(folder / EMBEDDINGS), load_external_data=False)
@@ -218,4 +204,4 @@ def write_cpu_graphs(spec: ModelSpec, folder: Path) -> None:
                 head.graph.initializer[i].CopyFrom(table)  # external reference to embeddings.onnx.data
         onnx.save_model(head, str(folder / LM_HEAD), save_as_external_data=False)
         return
-    save_with_data(head, folder / LM_HEAD)
+    save_model(head, folder / LM_HEAD)

@@ -37,7 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from plugin.convert.errors import ExportError
-from plugin.convert.qnn.graphs import save_with_data
+from plugin.convert.onnx_files import save_model
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def infer_shapes(src: Path, dst: Path) -> None:
     inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     if inferred is None:
         raise ExportError(f"shape inference failed on {src.name}; the HTP compiler needs every tensor's shape")
-    save_with_data(inferred, dst)
+    save_model(inferred, dst)
 
 
 class _Reader:
@@ -283,5 +283,5 @@ def to_int4_blocks(
         del dq.attribute[:]
         dq.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", block)])
         converted += 1
-    save_with_data(model, qdq_path)
+    save_model(model, qdq_path)
     return converted, kept
