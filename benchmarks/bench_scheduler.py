@@ -178,8 +178,10 @@ class PinnedFactory:
         if placement.backend == "onnxruntime-genai":
             from backends.ort_genai.backend import OrtGenaiBackend
             from plugin.convert import export
+            from plugin.engine.loaders import export_target
 
-            folder = export(model.path, target=device.kind, precision=placement.precision, progress=False).path
+            target = export_target(device)  # a simulated NPU runs on the CPU provider: the CPU export
+            folder = export(model.path, target=target, precision=placement.precision, progress=False).path
             return OrtGenaiBackend(folder, device=device.kind, simulated=device.simulated, num_threads=1)
         from backends.torch.backend import TorchBackend
 
