@@ -154,7 +154,7 @@ def engine_run(backend: OrtGenaiBackend, prompts: list[list[int]], max_new: int)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="'default', 'tiny', an HF folder/hub id, or an export")
-    parser.add_argument("--target", default="npu", choices=["npu", "cpu", "gpu"])
+    parser.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--precision", default="int4", choices=["int4", "int8", "fp16", "fp32"])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=11, help="alternating bare/ours pairs (medians reported)")
