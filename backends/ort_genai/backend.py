@@ -76,6 +76,12 @@ def detect_precision(model_dir: Path) -> str:
     return "fp32"
 
 
+def prompt_span(n_prompt: int, window: int) -> int:
+    """KV positions a prompt takes: a static-shape pipeline prefills whole windows, and onnxruntime-genai keeps
+    the padding in the sequence (new tokens start at the returned position); 0 means no window."""
+    return -(-n_prompt // window) * window if window else n_prompt
+
+
 def search_options(sampling: SamplingParams, prompt_span: int) -> dict[str, Any]:
     """onnxruntime-genai search options for one request (its defaults from genai_config are overridden).
 
@@ -274,10 +280,7 @@ class OrtGenaiBackend:
         return self._stream(request, ids, state)
 
     def _prompt_span(self, n_prompt: int) -> int:
-        """KV positions the prompt takes: a static-shape pipeline prefills whole windows, padding included."""
-        if not self._window:
-            return n_prompt
-        return -(-n_prompt // self._window) * self._window
+        return prompt_span(n_prompt, self._window)
 
     def cancel(self, request_id: str) -> bool:
         """Stop a running request within one decode step; False when no such request runs."""

@@ -91,6 +91,7 @@ def genai_answer(folder: Path, question: str = CHAT_QUESTION, new_tokens: int = 
     import onnxruntime_genai as og
 
     from backends import qnn_ep
+    from backends.ort_genai.backend import prompt_span
 
     qnn_ep.register()
     model = og.Model(str(folder))
@@ -102,7 +103,7 @@ def genai_answer(folder: Path, question: str = CHAT_QUESTION, new_tokens: int = 
         prompt = question
     ids = tok.encode(prompt)
     window = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["sliding_window"]
-    padded = -(-len(ids) // window["window_size"]) * window["window_size"]  # genai keeps the padding in the sequence
+    padded = prompt_span(len(ids), window["window_size"])
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=padded + new_tokens)
     gen = og.Generator(model, params)
