@@ -175,18 +175,17 @@ class PinnedFactory:
 
     @staticmethod
     def _build(model: Any, placement: Any, device: Any) -> Any:
-        if placement.backend == "onnxruntime-genai":
-            from backends.ort_genai.backend import OrtGenaiBackend
-            from plugin.convert import export
-            from plugin.engine.loaders import export_target
-
-            target = export_target(device)  # a simulated NPU runs on the CPU provider: the CPU export
-            folder = export(model.path, target=target, precision=placement.precision, progress=False).path
-            return OrtGenaiBackend(folder, device=device.kind, simulated=device.simulated, num_threads=1)
+        """The serving loader's model preparation (plugin/engine/loaders.py), with one intra-op thread each."""
+        from backends import registry
+        from backends.ort_genai.backend import OrtGenaiBackend
         from backends.torch.backend import TorchBackend
+        from plugin.engine.loaders import prepare
 
+        folder = prepare(model, registry.get(placement.backend).format, device, placement.precision)
+        if placement.backend == "onnxruntime-genai":
+            return OrtGenaiBackend(folder, device=device.kind, simulated=device.simulated, num_threads=1)
         return TorchBackend(
-            model.path,
+            folder,
             device="cpu",
             dtype=placement.precision,
             simulated_device=device.kind if device.simulated else None,
