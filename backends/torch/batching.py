@@ -1,27 +1,33 @@
 """Iteration-level (continuous) batching for a transformers causal LM, on CUDA or the CPU.
 
 Design (the simplest one that is exactly right):
-- One scheduler thread owns the model. `submit` puts a request on a queue; the thread answers through
-  the request's own chunk queue. Nothing else touches the model, so no locks around forward passes.
-- A new request is prefilled alone (batch 1, no padding, its own DynamicCache), its first token is
-  chosen from the prefill logits and streamed at once, then its KV cache is merged into the running
-  batch before the next decode step.
-- The running batch is one DynamicCache of shape [B, heads, L, head_dim] kept LEFT-padded: a row whose
-  sequence is shorter than L has zero keys/values in its first columns, masked out by a 2-D attention
-  mask [B, L]. Merging pads whichever side is shorter on the left and concatenates on the batch axis.
-  Every row carries its own position id (its real token count), so rotary/absolute positions never
-  see the padding; the mask hides it from attention. Each decode step feeds one token per row
-  ([B, 1]) and appends one column to the mask. With no padding at all the mask is dropped, so a
-  single stream runs exactly like plain `model.generate`.
-- A finished or cancelled row leaves at once: its index is dropped from the cache and mask, then any
-  leading columns that have become padding for every remaining row are cut off.
-- Each row keeps its own SamplingParams, torch.Generator, stop matcher, detokenizer, EOS set and
-  max_new_tokens. Greedy rows are decided by one batched argmax; only sampling rows take the per-row
-  path.
+- One scheduler thread owns the model (and, on CUDA, sets its device first, so work for cuda:1 never lands
+  on GPU 0). `submit` puts a request on a queue; the thread answers through the request's own chunk queue.
+  Nothing else touches the model, so no locks around forward passes.
+- A new request is prefilled alone (batch 1, no padding, its own DynamicCache), its first token is chosen
+  from the prefill logits and streamed at once, then its KV cache is merged into the running batch before
+  the next decode step.
+- The running batch (kvbatch.py) is one left-padded DynamicCache with a 2-D attention mask; every row
+  carries its own position id, so rotary/absolute positions never see the padding. With no padding at
+  all the mask is dropped, so a single stream runs exactly like plain `model.generate`.
+- A decode step feeds one token per row from device tensors, chooses every row's next token in one
+  batched call (sampling.py: per-row settings and generators, penalty history on the device), and brings
+  the tokens (with a per-row "logits were not finite" flag) to the host in ONE transfer: the step's only
+  host sync, unless a row asked for logprobs.
+- A finished or cancelled row leaves at once; leading columns that became padding for every row are cut.
 - Admission is the engine's: it submits a request only when a batch slot is free and the padded KV
   cache of the batch with it fits the budget (backends/memory.py); this loop runs what it is given.
-  An out-of-memory error in a forward pass rolls the cache back and fails one request (the one being
-  prefilled, or the newest row of the batch) with an error chunk; the loop carries on with the rest.
+
+Failure isolation (errors.py classifies): every step fails only the rows it concerns, and the shared
+cache changes all or nothing (kvbatch.py).
+- prefill, or joining the batch: only that request fails (out of memory, a model error, non-finite logits);
+- a decode step's forward: the cache is rolled back; out of memory fails the newest row, any other error
+  the rows of that step; the loop carries on;
+- choosing tokens: a row whose logits are NaN/inf fails alone; if the batched choice raises, rows are
+  chosen one by one so that only the row that raises fails;
+- removing rows: out of memory while compacting fails the newest surviving row, then compacts again;
+- an unrecoverable CUDA error (device-side assert, illegal address, no kernel image) stops the runner:
+  every stream ends with the reason, `restart_required` says why, and the backend reports it as unhealthy.
 
 transformers 4.57 ships its own continuous batching (`generate_batch`), but its memory probe assumes
 CUDA and it fails on the CPU, so this loop is used on both devices; it is the one the tests exercise.
@@ -38,15 +44,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from backends.base import FinishReason, SamplingParams, TokenChunk, TokenLogprob
 from backends.detok import StreamDecoder
 from backends.stream import TokenStream, token_logprob
-from backends.torch.sampling import choose_token, make_generator, needs_processing
+from backends.torch import kvbatch as kv
+from backends.torch.errors import OOM_ERRORS, RestartRequired, describe, is_fatal, is_oom
+from backends.torch.sampling import BatchSampler, SamplerRow, is_greedy, make_generator
 
 log = logging.getLogger(__name__)
+
+__all__ = ["OOM_ERRORS", "BatchRunner", "Work", "make_work"]
 
 _LIVE_RUNNERS: weakref.WeakSet[BatchRunner] = weakref.WeakSet()
 
@@ -58,9 +67,10 @@ def _stop_live_runners() -> None:
         runner.stop("the process is exiting")
 
 
-OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
-if hasattr(torch, "OutOfMemoryError"):
-    OOM_ERRORS = (torch.OutOfMemoryError, torch.cuda.OutOfMemoryError)
+NON_FINITE = (
+    "the model produced non-finite logits (NaN or inf) for this request, so no token could be chosen; "
+    "this request was dropped and the backend carries on. fp16 overflows on some models: try bf16 or fp32"
+)
 
 
 @dataclass
@@ -74,11 +84,7 @@ class Work:
     eos_ids: frozenset[int] = frozenset()
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     generator: torch.Generator | None = None
-    position: int = 0  # position id of the next token fed to the model
     done: bool = False
-
-    def __post_init__(self) -> None:
-        self.position = len(self.prompt_ids)
 
     @property
     def generated(self) -> list[int]:
@@ -89,6 +95,10 @@ class Work:
         n, params = len(self.generated), self.params
         out = list(self.eos_ids) if params.ignore_eos or n < params.min_tokens else []
         return out + list(params.stop_token_ids) if n < params.min_tokens else out
+
+
+Decision = tuple[int | None, str | None]
+"""Per row: (token, None), or (None, why this row failed)."""
 
 
 class BatchRunner:
@@ -112,13 +122,14 @@ class BatchRunner:
         self._cancel: set[str] = set()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.last_error = ""
+        self.last_error = ""  # the latest request-level failure (the runner carried on)
+        self.restart_required = ""  # set when an unrecoverable device error stopped the runner
         self.peak_batch = 0
+        self.steps = 0
         # running batch
         self.rows: list[Work] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # [B, L] int64, 0 = padding
-        self.pads: list[int] = []
+        self.batch: kv.KVBatch | None = None
+        self.sampler: BatchSampler | None = None
         self._fast_logits_kwargs = _supports_logits_to_keep(model)
 
     # ---- public, any thread -------------------------------------------------------------------------
@@ -133,6 +144,8 @@ class BatchRunner:
 
     def submit(self, work: Work) -> None:
         with self._lock:
+            if self.restart_required:
+                raise RestartRequired(self.restart_required)
             if self._stopping:
                 raise RuntimeError("the torch backend is unloading; load it again before generating")
             if work.request_id in self._known:
@@ -158,16 +171,14 @@ class BatchRunner:
         self._incoming.put(None)
         if self._thread is not None and threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
-        with self._lock:
-            leftover = list(self._known.values())
-        for w in leftover:
-            self._end(w, "error", reason)
-        self.rows, self.cache, self.mask, self.pads = [], None, None, []
+        self._end_all(reason)
         _LIVE_RUNNERS.discard(self)
 
     # ---- scheduler thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # kernels, generators and allocations of this thread go there
             with torch.inference_mode():
                 while not self._stopping:
                     self._admit()
@@ -176,14 +187,28 @@ class BatchRunner:
                     self._drop_cancelled()
                     if self.rows:
                         self._step()
-        except Exception as e:  # a bug in the loop: end every stream with the reason rather than hang them
-            log.exception("torch batch scheduler crashed")
-            self.last_error = f"scheduler crashed: {type(e).__name__}: {e}"
+        except Exception as e:
+            if is_fatal(e):
+                cause = e.__cause__ if isinstance(e, RestartRequired) and e.__cause__ is not None else e
+                self.restart_required = (
+                    f"restart required: an unrecoverable error on {self.device} ({describe(cause)}) left its "
+                    "context unusable; the torch backend stopped. Restart the process to use this device again"
+                )
+                self.last_error = self.restart_required
+                log.error("%s", self.restart_required, exc_info=cause)
+            else:  # a bug in the loop: end every stream with the reason rather than hang them
+                log.exception("torch batch scheduler crashed")
+                self.last_error = f"scheduler crashed: {describe(e)}"
             with self._lock:
                 self._stopping = True
-                leftover = list(self._known.values())
-            for w in leftover:
-                self._end(w, "error", self.last_error)
+            self._end_all(self.last_error)
+
+    def _end_all(self, reason: str) -> None:
+        with self._lock:
+            leftover = list(self._known.values())
+        for w in leftover:
+            self._end(w, "error", reason)
+        self.rows, self.batch, self.sampler = [], None, None
 
     def _admit(self) -> None:
         """Prefill and join everything submitted since the last step (block while there is nothing to run)."""
@@ -217,116 +242,165 @@ class BatchRunner:
         self._remove_rows(gone)
 
     def _prefill_and_join(self, w: Work) -> None:
-        ids = torch.tensor([w.prompt_ids], dtype=torch.long, device=self.device)
-        cache = DynamicCache()
+        """Prefill one request, stream its first token, and merge its cache into the batch; a failure at any
+        point fails this request alone and leaves the running batch as it was."""
+        row = SamplerRow(w.params, w.generator, w.prompt_ids)
         try:
+            ids = torch.tensor([w.prompt_ids], dtype=torch.long).to(self.device)
+            cache = DynamicCache()
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **self._fast_logits_kwargs)
-        except OOM_ERRORS as e:
-            self._oom(w, f"prefill of {len(w.prompt_ids)} prompt tokens", e)
-            return
+            raw = out.logits[:, -1, :]
+            del out
+            sampler = BatchSampler([row], raw.shape[-1], self.device)
         except Exception as e:
-            log.exception("prefill failed for request %s", w.request_id)
-            self.last_error = f"{type(e).__name__}: {e}"
-            self._end(w, "error", f"prefill failed: {type(e).__name__}: {e}")
+            self._request_failed(w, f"prefill of {len(w.prompt_ids)} prompt tokens", e)
             return
-        raw = out.logits[:, -1, :]
-        logits = _suppress(raw, [w])[0]
-        token = self._choose(w, logits) if needs_processing(w.params) else int(logits.argmax(-1))
-        if self._accept(w, token, _logprob(w, raw[0], token)):
+        ((token, error),), _ = self._decide(raw, [w], sampler)
+        if token is None:
+            self._fail(w, error or NON_FINITE)
             return
-        self._join(w, out.past_key_values)
+        if self._accept(w, token, raw, 0):
+            return
+        row.history = [*w.prompt_ids, token]
+        try:
+            pending = kv.merged(self.batch, cache, len(w.prompt_ids), token)
+            joined = self.sampler.joined(row) if self.sampler is not None else sampler
+        except Exception as e:
+            self._request_failed(w, f"joining the running batch of {len(self.rows)} sequences", e)
+            return
+        self.batch, self.sampler = pending.commit(), joined
+        self.rows.append(w)
         self.peak_batch = max(self.peak_batch, len(self.rows))
 
-    def _join(self, w: Work, cache: DynamicCache) -> None:
-        new_len = len(w.prompt_ids)
-        if self.cache is None or not self.rows:
-            self.cache, self.rows, self.pads = cache, [w], [0]
-            self.mask = torch.ones((1, new_len), dtype=torch.long, device=self.device)
-            return
-        assert self.mask is not None
-        cur_len = self.mask.shape[1]
-        total = max(cur_len, new_len)
-        grow, new_pad = total - cur_len, total - new_len
-        for layer, new_layer in zip(self.cache.layers, cache.layers, strict=True):
-            k, v = layer.keys, layer.values
-            if grow:
-                k, v = F.pad(k, (0, 0, grow, 0)), F.pad(v, (0, 0, grow, 0))
-            nk, nv = new_layer.keys, new_layer.values
-            if new_pad:
-                nk, nv = F.pad(nk, (0, 0, new_pad, 0)), F.pad(nv, (0, 0, new_pad, 0))
-            layer.keys, layer.values = torch.cat([k, nk]), torch.cat([v, nv])
-        new_row = torch.ones((1, total), dtype=torch.long, device=self.device)
-        new_row[:, :new_pad] = 0
-        mask = F.pad(self.mask, (grow, 0)) if grow else self.mask
-        self.mask = torch.cat([mask, new_row])
-        self.pads = [p + grow for p in self.pads] + [new_pad]
-        self.rows.append(w)
-
     def _step(self) -> None:
-        assert self.cache is not None and self.mask is not None
-        rows = self.rows
-        input_ids = torch.tensor([[w.generated[-1]] for w in rows], dtype=torch.long, device=self.device)
-        position_ids = torch.tensor([[w.position] for w in rows], dtype=torch.long, device=self.device)
-        mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
-        length = self.mask.shape[1]
+        assert self.batch is not None and self.sampler is not None
+        batch, rows = self.batch, self.rows
         try:
+            mask = kv.step_mask(batch)
             out = self.model(
-                input_ids=input_ids,
-                attention_mask=mask if any(self.pads) else None,
-                position_ids=position_ids,
-                past_key_values=self.cache,
+                input_ids=batch.next_ids.view(-1, 1),
+                attention_mask=mask if any(batch.pads) else None,
+                position_ids=batch.positions.view(-1, 1),
+                past_key_values=batch.cache,
                 use_cache=True,
             )
-        except OOM_ERRORS as e:
-            self.cache.crop(length)  # layers that ran before the failure already appended a column
-            victim = len(rows) - 1
-            self._oom(rows[victim], f"a decode step with {len(rows)} sequences of {length + 1} tokens", e)
-            self._remove_rows([victim])
-            return
+            raw = out.logits[:, -1, :]
+            del out
         except Exception as e:
-            log.exception("decode step failed")
-            self.last_error = f"{type(e).__name__}: {e}"
-            for w in rows:
-                self._end(w, "error", f"decode step failed: {type(e).__name__}: {e}")
-            self.rows, self.cache, self.mask, self.pads = [], None, None, []
+            if is_fatal(e):
+                raise RestartRequired(describe(e)) from e
+            kv.rollback(batch)  # layers that ran before the failure already appended a column
+            where = f"a decode step with {len(rows)} sequences of {batch.length + 1} tokens"
+            if is_oom(e):
+                victim = len(rows) - 1  # the newest row pays; the older ones have waited longer
+                self._request_failed(rows[victim], where, e)
+                self._remove_rows([victim])
+            else:  # one forward for all rows: they share the failure, the loop carries on
+                log.exception("decode step failed")
+                self.last_error = describe(e)
+                for w in rows:
+                    self._fail(w, f"{where} failed: {describe(e)}")
+                self.rows, self.batch, self.sampler = [], None, None
             return
-        self.cache = out.past_key_values
-        self.mask = mask
-        raw = out.logits[:, -1, :]
-        logits = _suppress(raw, rows)
-        greedy = logits.argmax(-1).tolist()
+        self.steps += 1
+        batch.mask = mask
+        decisions, tokens = self._decide(raw, rows, self.sampler)
+        if tokens is not None:
+            batch.next_ids = tokens
+        else:  # chosen row by row: failed rows leave below, their placeholder is never fed
+            batch.next_ids = torch.tensor([t or 0 for t, _ in decisions], dtype=torch.long).to(self.device)
+        batch.positions += 1
         finished = []
-        for i, w in enumerate(rows):
-            w.position += 1
-            token = self._choose(w, logits[i]) if needs_processing(w.params) else greedy[i]
-            if self._accept(w, token, _logprob(w, raw[i], token)):
+        logprob_rows = self._logprob_rows(raw, rows, decisions)
+        for i, (w, (token, error)) in enumerate(zip(rows, decisions, strict=True)):
+            if token is None:
+                self._fail(w, error or NON_FINITE)
+                finished.append(i)
+            elif self._accept(w, token, raw, i, logprob_rows):
                 finished.append(i)
         self._remove_rows(finished)
 
-    def _choose(self, w: Work, logits: torch.Tensor) -> int:
-        seen = None
-        if w.params.repetition_penalty != 1.0:
-            seen = torch.tensor(w.prompt_ids + w.generated, dtype=torch.long, device=logits.device)
-        return choose_token(logits, w.params, seen, w.generator)
+    def _decide(
+        self, raw: torch.Tensor, rows: list[Work], sampler: BatchSampler
+    ) -> tuple[list[Decision], torch.Tensor | None]:
+        """Every row's next token, with ONE host transfer for the batch; when the batched choice raises,
+        row by row so that only the row that raises fails. Returns the decisions and, from the batched path,
+        the tokens on the device (the next step's input)."""
+        try:
+            tokens = sampler.choose(_suppress(raw, rows))
+            host_tokens, host_bad = torch.stack([tokens, _non_finite(raw)]).tolist()
+        except Exception as e:
+            if is_fatal(e):
+                raise RestartRequired(describe(e)) from e
+            log.warning("batched token choice failed (%s); choosing row by row to isolate it", describe(e))
+            decisions = [self._decide_row(raw, rows, sampler, i) for i in range(len(rows))]
+            sampler.observe(torch.tensor([t or 0 for t, _ in decisions], dtype=torch.long).to(self.device))
+            return decisions, None
+        sampler.observe(tokens)
+        return [
+            (None, NON_FINITE) if bad else (token, None) for token, bad in zip(host_tokens, host_bad, strict=True)
+        ], tokens
 
-    def _accept(self, w: Work, token: int, logprob: TokenLogprob | None = None) -> bool:
-        """Stream a new token through the request's TokenStream; return True when the request is finished."""
-        chunk = w.stream.push(token, logprob)
+    def _decide_row(self, raw: torch.Tensor, rows: list[Work], sampler: BatchSampler, i: int) -> Decision:
+        try:
+            one = raw[i : i + 1]
+            token, bad = torch.stack([sampler.selected([i]).choose(_suppress(one, [rows[i]])), _non_finite(one)])[:, 0]
+            return (None, NON_FINITE) if bool(bad) else (int(token), None)
+        except Exception as e:
+            if is_fatal(e):
+                raise RestartRequired(describe(e)) from e
+            log.warning("choosing a token failed for request %s: %s", rows[i].request_id, describe(e))
+            return None, f"choosing the next token failed: {describe(e)}; this request was dropped"
+
+    def _logprob_rows(self, raw: torch.Tensor, rows: list[Work], decisions: list[Decision]) -> dict[int, object]:
+        """Raw logits of the rows that asked for logprobs, on the host in one transfer (none asked: nothing)."""
+        want = [
+            i
+            for i, (w, (t, _)) in enumerate(zip(rows, decisions, strict=True))
+            if t is not None and w.params.logprobs is not None
+        ]
+        if not want:
+            return {}
+        host = raw[torch.tensor(want, dtype=torch.long).to(raw.device)].float().cpu().numpy()
+        return dict(zip(want, host, strict=True))
+
+    def _accept(self, w: Work, token: int, raw: torch.Tensor, i: int, host_rows: dict | None = None) -> bool:
+        """Stream a new token through the request's TokenStream; True when the request is finished (or failed)."""
+        try:
+            logprob: TokenLogprob | None = None
+            if w.params.logprobs is not None:
+                row = host_rows[i] if host_rows and i in host_rows else raw[i].float().cpu().numpy()
+                logprob = token_logprob(row, token, w.params.logprobs)
+            chunk = w.stream.push(token, logprob)
+        except Exception as e:  # e.g. the tokenizer cannot decode an id the model produced
+            log.warning("streaming token %d failed for request %s: %s", token, w.request_id, describe(e))
+            self._fail(w, f"streaming token {token} failed: {describe(e)}; this request was dropped")
+            return True
         if chunk.finish_reason is not None:
             self._finish(w, chunk)
             return True
         w.out.put(chunk)
         return False
 
-    def _oom(self, w: Work, where: str, e: BaseException) -> None:
-        msg = (
-            f"out of memory on {self.device} during {where}; this request was dropped and the backend carries on. "
-            "Retry with a shorter prompt or max_new_tokens, or lower max_batch_size / memory_limit_bytes"
-        )
-        log.warning("%s (%s)", msg, e)
+    def _request_failed(self, w: Work, where: str, e: BaseException) -> None:
+        """One request failed during `where`: end it with the reason; an unrecoverable error stops the runner."""
+        if is_fatal(e):
+            raise RestartRequired(describe(e)) from e
+        if is_oom(e):
+            msg = (
+                f"out of memory on {self.device} during {where}; this request was dropped and the backend carries "
+                "on. Retry with a shorter prompt or max_new_tokens, or lower max_batch_size / memory_limit_bytes"
+            )
+            log.warning("%s (%s)", msg, e)
+            if self.on_oom is not None:
+                self.on_oom()
+        else:
+            log.warning("request %s failed during %s", w.request_id, where, exc_info=e)
+            msg = f"{where} failed: {describe(e)}"
+        self._fail(w, msg)
+
+    def _fail(self, w: Work, msg: str) -> None:
         self.last_error = msg
-        if self.on_oom is not None:
-            self.on_oom()
         self._end(w, "error", msg)
 
     def _end(self, w: Work, reason: FinishReason, error: str | None = None) -> None:
@@ -344,30 +418,32 @@ class BatchRunner:
             self._cancel.discard(w.request_id)
 
     def _remove_rows(self, indices: list[int]) -> None:
+        """Drop finished rows from the batch, all or nothing; if compacting runs out of memory, the newest
+        surviving row is failed too and the smaller batch is compacted again."""
         if not indices:
             return
+        assert self.batch is not None and self.sampler is not None
         drop = set(indices)
         keep = [i for i in range(len(self.rows)) if i not in drop]
-        self.rows = [self.rows[i] for i in keep]
-        self.pads = [self.pads[i] for i in keep]
-        if not self.rows:
-            self.cache, self.mask, self.pads = None, None, []
+        while keep:
+            try:
+                pending = kv.selected(self.batch, keep)
+                sampler = self.sampler.selected(keep)
+                break
+            except Exception as e:
+                victim = keep.pop()
+                self._request_failed(self.rows[victim], f"compacting the batch to {len(keep) + 1} sequences", e)
+        if not keep:
+            self.rows, self.batch, self.sampler = [], None, None
             return
-        assert self.cache is not None and self.mask is not None
-        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        cut = min(self.pads)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[idx, :, cut:]
-            layer.values = layer.values[idx, :, cut:]
-        self.mask = self.mask[idx, cut:]
-        self.pads = [p - cut for p in self.pads]
+        self.batch, self.sampler = pending.commit(), sampler
+        self.rows = [self.rows[i] for i in keep]
 
 
-def _logprob(w: Work, raw_logits: torch.Tensor, token: int) -> TokenLogprob | None:
-    """The token's log-probability under the raw model output, when the request asked for logprobs."""
-    if w.params.logprobs is None:
-        return None
-    return token_logprob(raw_logits.float().cpu().numpy(), token, w.params.logprobs)
+def _non_finite(raw: torch.Tensor) -> torch.Tensor:
+    """[B] int64: 1 where a row's logits hold a NaN or +inf, or are all -inf (no token can be chosen)."""
+    top = raw.amax(-1)
+    return (raw.isnan().any(-1) | top.isinf()).long()
 
 
 def _suppress(logits: torch.Tensor, rows: list[Work]) -> torch.Tensor:
@@ -402,7 +478,7 @@ def make_work(
     device: torch.device,
 ) -> Work:
     """Build the per-request state: its TokenStream, and its own generator when sampling."""
-    generator = make_generator(params.seed, device) if not params.is_greedy else None
+    generator = make_generator(params.seed, device) if not is_greedy(params) else None
     stream = TokenStream(request_id, len(prompt_ids), params, eos_ids, decoder)
     return Work(
         request_id=request_id, prompt_ids=prompt_ids, params=params, stream=stream, eos_ids=eos_ids, generator=generator

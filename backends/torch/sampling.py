@@ -1,62 +1,36 @@
-"""Per-request next-token choice for the batched decode loop: greedy or seeded sampling, HF semantics.
+"""Next-token choice for the whole batch in a few kernels, each row under its own settings and generator.
 
-Each row of a batch has its own SamplingParams and its own torch.Generator, so one request's seed never
-depends on what else shares the batch. The operations mirror transformers' logits processors
-(RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper).
+The operations mirror transformers' logits processors (RepetitionPenaltyLogitsProcessor,
+TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper), batched:
+- every row's settings live on the device as [B] tensors, so one step is the same few kernels whatever
+  the mix of greedy and sampling rows, with no host round trip per row;
+- the repetition-penalty history is a [B, vocab] mask on the device, updated from the sampled tokens
+  without leaving the device (never re-uploaded from a Python list);
+- a sampling row draws with its own torch.Generator, so its seed never depends on what else shares the
+  batch: probs / Exp(1) noise, then argmax (the exponential race, as vLLM samples with per-request
+  generators) is a draw from the categorical distribution `probs`;
+- a temperature below SAMPLING_EPS is greedy (vLLM's rule): dividing logits by 1e-39 overflows to inf and
+  softmax turns that into NaN, while the limit of sampling as temperature -> 0 is the argmax.
+
+Greedy rows are exact (argmax of the penalised logits); sampled tokens are reproducible per seed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from backends.base import SamplingParams
 
-
-def needs_processing(params: SamplingParams) -> bool:
-    """False when a plain argmax over the raw logits gives the answer (the fast, batched path)."""
-    return not params.is_greedy or params.repetition_penalty != 1.0
+SAMPLING_EPS = 1e-5
+"""Temperatures below this are greedy."""
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Divide positive (multiply negative) scores of already-seen tokens by `penalty`, as transformers does."""
-    if penalty == 1.0 or seen_ids.numel() == 0:
-        return logits
-    scores = logits.gather(-1, seen_ids)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(-1, seen_ids, scores)
-
-
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set scores outside the top-k / nucleus to -inf; the most likely token always survives."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        remove_sorted = mass_before > top_p
-        remove_sorted[..., 0] = False
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
-
-
-def choose_token(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    seen_ids: torch.Tensor | None,
-    generator: torch.Generator | None,
-) -> int:
-    """Pick the next token from one row of logits (shape [vocab]) under `params`."""
-    logits = logits.float()
-    if seen_ids is not None:
-        logits = apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)
-    if params.is_greedy:
-        return int(logits.argmax(-1))
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def is_greedy(params: SamplingParams) -> bool:
+    """Greedy as asked, or a temperature so small that sampling would only overflow."""
+    return params.is_greedy or params.temperature < SAMPLING_EPS
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -67,3 +41,136 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         gen.manual_seed(seed)
     return gen
+
+
+@dataclass
+class SamplerRow:
+    """One request's settings as the sampler holds them (host values; uploaded once, at join)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    history: Sequence[int] = ()  # prompt ids (and the first token), for the repetition penalty
+
+    @property
+    def greedy(self) -> bool:
+        return is_greedy(self.params)
+
+    @property
+    def penalised(self) -> bool:
+        return self.params.repetition_penalty != 1.0
+
+
+class BatchSampler:
+    """The batch's sampling state on the device. Immutable in shape: `joined` and `selected` return new
+    samplers (so the batching loop can commit them together with the cache, all or nothing); only
+    `observe` updates in place."""
+
+    def __init__(
+        self, rows: list[SamplerRow], vocab_size: int, device: torch.device, *, build_history: bool = True
+    ) -> None:
+        self.rows = rows
+        self.vocab_size = vocab_size
+        self.device = device
+        self.any_sampling = any(not r.greedy for r in rows)
+        self.any_top_k = any(not r.greedy and r.params.top_k for r in rows)
+        self.any_top_p = any(not r.greedy and r.params.top_p < 1.0 for r in rows)
+        self.any_penalty = any(r.penalised for r in rows)
+        # one upload of every row's settings; [B] each
+        settings = [
+            (
+                1.0 if r.greedy else r.params.temperature,
+                float(r.params.top_k if not r.greedy and r.params.top_k else vocab_size),
+                r.params.top_p if not r.greedy and r.params.top_p < 1.0 else float("inf"),
+                r.params.repetition_penalty,
+                1.0 if r.greedy else 0.0,
+            )
+            for r in rows
+        ]
+        table = torch.tensor(settings, dtype=torch.float32).reshape(len(rows), 5).to(device)
+        self.temperature = table[:, 0:1]
+        self.top_k = table[:, 1:2].long().clamp_(1, vocab_size)
+        self.top_p = table[:, 2:3]
+        self.penalty = table[:, 3:4]
+        self.greedy_mask = table[:, 4].bool()
+        self.seen: torch.Tensor | None = None  # [B, vocab] bool, only while some row is penalised
+        if self.any_penalty and build_history:
+            self.seen = _history_mask(rows, vocab_size, device)
+
+    @classmethod
+    def empty(cls, vocab_size: int, device: torch.device) -> BatchSampler:
+        return cls([], vocab_size, device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # ---- shape changes (new samplers; the old one stays valid until the caller commits) ---------------
+    def joined(self, row: SamplerRow) -> BatchSampler:
+        """This batch plus one row at the end (the old rows keep the history they gathered on the device)."""
+        new = BatchSampler([*self.rows, row], self.vocab_size, self.device, build_history=False)
+        if new.any_penalty:
+            old = self.seen
+            if old is None:
+                old = torch.zeros((len(self.rows), self.vocab_size), dtype=torch.bool, device=self.device)
+            new.seen = torch.cat([old, _history_mask([row], self.vocab_size, self.device)])
+        return new
+
+    def selected(self, keep: list[int]) -> BatchSampler:
+        """Only the rows at `keep`, in that order."""
+        new = BatchSampler([self.rows[i] for i in keep], self.vocab_size, self.device, build_history=False)
+        if new.any_penalty and self.seen is not None:
+            new.seen = self.seen[torch.tensor(keep, dtype=torch.long).to(self.device)]
+        return new
+
+    # ---- per step -------------------------------------------------------------------------------------
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Add this step's tokens ([B] on the device) to the penalty history, on the device."""
+        if self.seen is not None and len(tokens):
+            self.seen.scatter_(1, tokens.view(-1, 1).clamp(0, self.vocab_size - 1), True)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next token of every row ([B] int64 on the device) from logits [B, vocab]; no host sync."""
+        x = logits.float()
+        if self.seen is not None:
+            penalised = torch.where(x < 0, x * self.penalty, x / self.penalty)
+            x = torch.where(self.seen[:, : x.shape[-1]], penalised, x)
+        greedy = x.argmax(-1)
+        if not self.any_sampling:
+            return greedy
+        x = x / self.temperature
+        if self.any_top_k or self.any_top_p:
+            x = _filter_top_k_top_p(x, self.top_k, self.top_p, self.any_top_k, self.any_top_p)
+        probs = x.softmax(-1)
+        noise = torch.ones_like(probs)
+        for i, r in enumerate(self.rows):
+            if not r.greedy:
+                noise[i].exponential_(generator=r.generator)
+        sampled = (probs / noise.clamp_min_(1e-20)).argmax(-1)
+        return torch.where(self.greedy_mask, greedy, sampled)
+
+
+def _history_mask(rows: list[SamplerRow], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[len(rows), vocab] bool: the tokens each penalised row has seen (its prompt and first token)."""
+    seen = torch.zeros((len(rows), vocab_size), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids = [t for t in r.history if 0 <= t < vocab_size] if r.penalised else []
+        if ids:
+            seen[i, torch.tensor(ids, dtype=torch.long)] = True
+    return seen.to(device)
+
+
+def _filter_top_k_top_p(
+    x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, use_k: bool, use_p: bool
+) -> torch.Tensor:
+    """Scores outside each row's top-k, then outside its nucleus, set to -inf (ties at the k-th score kept,
+    as transformers does); the most likely token always survives. One sort for the batch."""
+    sorted_x, order = x.sort(-1, descending=True)
+    if use_k:
+        kth = sorted_x.gather(-1, top_k - 1)
+        sorted_x = sorted_x.masked_fill(sorted_x < kth, float("-inf"))
+    if use_p:
+        probs = sorted_x.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        remove = mass_before > top_p
+        remove[:, 0] = False
+        sorted_x = sorted_x.masked_fill(remove, float("-inf"))
+    return torch.empty_like(x).scatter_(-1, order, sorted_x)
