@@ -21,6 +21,7 @@ from backends.base import ContextOverflowError, GenerationRequest, TokenChunk
 from plugin.engine.costmodel import CostModel
 from plugin.engine.engine import Engine
 from plugin.models.resolve import resolve_model
+from plugin.serve.limits import ServerLimits
 from plugin.serve.server import check_bind, create_app, is_loopback
 
 from fakes import FakeBackend, device
@@ -123,7 +124,8 @@ def stack(tiny_llama, tmp_path_factory) -> Iterator[Stack]:
             "flaky": make_engine(model, backends["flaky"], kinds=("cpu", "npu"), policy="npu"),
         }
         try:
-            with running(create_app(engines)) as url:
+            # the fake backends stream more words than the tiny model's context window holds
+            with running(create_app(engines, limits=ServerLimits(max_tokens=4096))) as url:
                 yield Stack(url, engines, backends)
         finally:
             for e in engines.values():
@@ -502,7 +504,7 @@ def test_real_engine_on_cpu_end_to_end(tiny_llama, accelserve_home):
             )
         )
         assert "".join(c.choices[0].delta.content or "" for c in streamed) == reply.choices[0].message.content
-        body = {"model": "tiny-real", "messages": [{"role": "user", "content": "hi " * 3000}], "max_tokens": 8}
+        body = {"model": "tiny-real", "messages": [{"role": "user", "content": "hi " * 300}], "max_tokens": 8}
         r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
         assert_error(r, 413, "invalid_request_error", "context length")
 

@@ -67,6 +67,13 @@ class ServerMetrics:
             ["model", "device"],
             registry=self.registry,
         )
+        self.rejected = Counter(
+            "accelserve_rejected_requests",
+            "Requests refused by a server limit, by the limit (body_too_large, prompt_too_large, "
+            "max_tokens_too_large, too_many_streams, queue_full, request_timeout, shutting_down).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.device_healthy = Gauge(
             "accelserve_device_healthy",
             "1 when the device is healthy, 0 while it is in back-off after a failure.",

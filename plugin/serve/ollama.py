@@ -21,8 +21,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import plugin
 from backends.base import GenerationRequest, SamplingParams
-from plugin.engine.engine import ChatChunk, Engine
+from plugin.engine.engine import ChatChunk, Engine, Overloaded
 from plugin.engine.explain import placement_headers
+from plugin.serve.limits import ClientGone, Gate, LimitExceeded, client_of
+from plugin.serve.redact import redact_paths
+from plugin.serve.schema import BadRequest, check_text
 
 OLLAMA_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1}
 DEFAULT_NUM_PREDICT = 512
@@ -38,17 +41,22 @@ _OPTION_NAMES = {
 
 
 class OllamaError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """An error in Ollama's shape: {"error": message}."""
+
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after_s = retry_after_s
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.message}, status_code=self.status)
+        headers = {"retry-after": str(self.retry_after_s)} if self.retry_after_s is not None else None
+        return JSONResponse({"error": redact_paths(self.message)}, status_code=self.status, headers=headers)
 
 
-def sampling_from_options(options: Any) -> SamplingParams:
-    """Ollama `options` -> SamplingParams, with Ollama's defaults for what is not given."""
+def sampling_from_options(options: Any, context_length: int | None = None) -> SamplingParams:
+    """Ollama `options` -> SamplingParams, with Ollama's defaults for what is not given. Without `num_predict`
+    (or with -1, "until the context is full" in Ollama) the reply is bounded by 512 tokens and the context."""
     if options is None:
         options = {}
     if not isinstance(options, dict):
@@ -60,7 +68,7 @@ def sampling_from_options(options: Any) -> SamplingParams:
             kwargs[target] = merged[name]
     predict = kwargs.get("max_new_tokens")
     if predict is None or predict == -1:
-        kwargs["max_new_tokens"] = DEFAULT_NUM_PREDICT
+        kwargs["max_new_tokens"] = min(DEFAULT_NUM_PREDICT, context_length or DEFAULT_NUM_PREDICT)
     elif predict == -2:
         raise OllamaError(400, "num_predict=-2 (fill the context) is not supported; give a number of tokens")
     if isinstance(kwargs.get("stop"), str):
@@ -89,8 +97,15 @@ def _messages(raw: Any) -> list[dict[str, str]]:
             raise OllamaError(400, f"messages[{i}].content must be a string")
         if m.get("images"):
             raise OllamaError(400, f"messages[{i}] has images; this server serves text-only models")
-        out.append({"role": m["role"], "content": content})
+        out.append({"role": m["role"], "content": _text(content, f"messages[{i}].content")})
     return out
+
+
+def _text(value: str, param: str) -> str:
+    try:
+        return check_text(value, param)
+    except BadRequest as e:
+        raise OllamaError(400, str(e)) from None
 
 
 def _details(engine: Engine) -> dict[str, Any]:
@@ -105,8 +120,12 @@ def _details(engine: Engine) -> dict[str, Any]:
     }
 
 
-def add_ollama_routes(app: FastAPI, engines: dict[str, Engine], guard: Callable[[Request], Any]) -> None:
-    """Mount Ollama's endpoints on `app`. `guard(request)` enforces the same API key as the OpenAI routes."""
+def add_ollama_routes(
+    app: FastAPI, engines: dict[str, Engine], guard: Callable[[Request], Any], gate: Gate | None = None
+) -> None:
+    """Mount Ollama's endpoints on `app`. `guard(request)` enforces the same API key as the OpenAI routes and
+    `gate` the same server limits."""
+    gate = gate or Gate()
 
     async def authorized(request: Request) -> None:
         try:
@@ -184,9 +203,10 @@ def add_ollama_routes(app: FastAPI, engines: dict[str, Engine], guard: Callable[
         engine = engine_for(body.get("model"))
         if body.get("tools"):
             raise OllamaError(400, "tools are not supported by this server")
-        messages, sampling = _messages(body.get("messages")), sampling_from_options(body.get("options"))
+        messages = _messages(body.get("messages"))
+        sampling = sampling_from_options(body.get("options"), engine.model.profile.context_length)
         req = GenerationRequest(messages=messages, sampling=sampling)
-        return await _run(engine, body, req, "chat")
+        return await _run(engine, body, req, "chat", gate, request)
 
     @app.post("/api/generate")
     async def generate(request: Request) -> Response:
@@ -195,7 +215,8 @@ def add_ollama_routes(app: FastAPI, engines: dict[str, Engine], guard: Callable[
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise OllamaError(400, "prompt must be a string")
-        sampling = sampling_from_options(body.get("options"))
+        _text(prompt, "prompt")
+        sampling = sampling_from_options(body.get("options"), engine.model.profile.context_length)
         if prompt == "":  # Ollama: an empty prompt only loads the model
             engine.preload()
             return JSONResponse({"model": body["model"], "created_at": _now(), "response": "", "done": True})
@@ -204,22 +225,37 @@ def add_ollama_routes(app: FastAPI, engines: dict[str, Engine], guard: Callable[
         else:  # Ollama applies the model's template (with `system`) unless raw
             messages = [{"role": "system", "content": body["system"]}] if body.get("system") else []
             req = GenerationRequest(messages=[*messages, {"role": "user", "content": prompt}], sampling=sampling)
-        return await _run(engine, body, req, "generate")
+        return await _run(engine, body, req, "generate", gate, request)
 
 
-async def _run(engine: Engine, body: dict[str, Any], request: GenerationRequest, kind: str) -> Response:
+async def _run(
+    engine: Engine, body: dict[str, Any], request: GenerationRequest, kind: str, gate: Gate, http: Request
+) -> Response:
     """Stream NDJSON (Ollama's default) or answer one object; the first chunk is awaited first for real statuses."""
     started = time.perf_counter_ns()
+    try:
+        ticket = gate.admit(client_of(http), request, engine.model.profile.context_length)
+    except LimitExceeded as e:
+        raise OllamaError(e.status, e.message, e.retry_after_s) from e
     stream = engine.astream(request)
     try:
-        first = await anext(stream, None)
-    except ValueError as e:
+        first = await ticket.wait(anext(stream, None), http.is_disconnected)
+    except BaseException as e:
         await stream.aclose()
-        raise OllamaError(400, str(e)) from e
-    except Exception as e:
-        await stream.aclose()
-        raise OllamaError(503, f"{type(e).__name__}: {e}") from e
+        ticket.release()
+        if isinstance(e, ClientGone):
+            return Response(status_code=499)  # nobody reads it
+        if isinstance(e, LimitExceeded):
+            raise OllamaError(e.status, e.message, e.retry_after_s) from e
+        if isinstance(e, ValueError):
+            raise OllamaError(400, str(e)) from e
+        if isinstance(e, Overloaded):
+            raise OllamaError(429, str(e), retry_after_s=1) from e
+        if isinstance(e, Exception):
+            raise OllamaError(503, str(e)) from e
+        raise
     if first is None:
+        ticket.release()
         raise OllamaError(500, "the engine ended the stream without any chunk")
     headers = placement_headers(first.placement, request.request_id)
     model = body["model"]
@@ -266,17 +302,29 @@ async def _run(engine: Engine, body: dict[str, Any], request: GenerationRequest,
                         return
                     if chunk.text:
                         yield json.dumps(piece(chunk), ensure_ascii=False) + "\n"
-                    chunk = await anext(stream, None)
+                    chunk = await ticket.wait(anext(stream, None))
+            except LimitExceeded as e:  # past the deadline, or the server is draining: say so in the stream
+                yield json.dumps({"model": model, "created_at": _now(), "error": e.message, "done": True}) + "\n"
             finally:
+                ticket.release()
                 await stream.aclose()  # a client that leaves cancels the generation
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers)
 
-    parts, last = [first.text], first
-    try:
+    async def rest() -> tuple[list[str], ChatChunk]:
+        parts, last = [first.text], first
         while last.finish_reason is None:
             last = await anext(stream)
             parts.append(last.text)
+        return parts, last
+
+    try:
+        parts, last = await ticket.wait(rest(), http.is_disconnected)
+    except ClientGone:
+        return Response(status_code=499)
+    except LimitExceeded as e:
+        raise OllamaError(e.status, e.message, e.retry_after_s) from e
     finally:
+        ticket.release()
         await stream.aclose()
     return JSONResponse(final(last, "".join(parts)), headers=headers)

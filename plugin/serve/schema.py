@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from backends.base import GenerationRequest, SamplingParams, TokenLogprob
 from plugin.engine.engine import ChatChunk, RequestMetrics
@@ -68,7 +68,7 @@ class _GenerationBody(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)  # OpenAI's range
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -109,6 +109,9 @@ class _GenerationBody(BaseModel):
             )
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options is only allowed when stream is true", "stream_options")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        for i, text in enumerate(stops):
+            check_text(text, f"stop[{i}]" if isinstance(self.stop, list) else "stop")
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
@@ -144,16 +147,38 @@ class _GenerationBody(BaseModel):
             raise BadRequest(str(e)) from e
 
 
+def check_text(text: str, param: str) -> str:
+    """Refuse text that is not valid Unicode (JSON allows a lone surrogate escape such as \\ud800; no tokenizer
+    does), naming the field, instead of failing inside the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(
+            f"{param} is not valid Unicode: {e.reason} at character {e.start} (a lone UTF-16 surrogate escape?); "
+            "send well-formed UTF-8 text",
+            param,
+        ) from None
+    return text
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")  # e.g. `name`, which chat templates do not use
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
 
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        # OpenAI lets only an assistant message (one that called tools) go without content
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs 'content' (a string or a list of text parts), got null")
+        return self
+
     def text(self, index: int) -> str:
+        param = f"messages[{index}].content"
         if self.content is None:
             return ""
         if isinstance(self.content, str):
-            return self.content
+            return check_text(self.content, param)
         parts = []
         for j, part in enumerate(self.content):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -161,7 +186,7 @@ class ChatMessage(BaseModel):
                     f"messages[{index}].content[{j}] has type {part.get('type')!r}: only text parts are supported",
                     f"messages[{index}].content",
                 )
-            parts.append(part["text"])
+            parts.append(check_text(part["text"], f"{param}[{j}].text"))
         return "".join(parts)
 
 
@@ -204,7 +229,7 @@ class CompletionBody(_GenerationBody):
             if len(prompt) != 1:
                 raise BadRequest(f"prompt must be one string; got a list of {len(prompt)} (batching is per request)")
             prompt = prompt[0]
-        return GenerationRequest(prompt=prompt, sampling=self.sampling())
+        return GenerationRequest(prompt=check_text(prompt, "prompt"), sampling=self.sampling())
 
 
 # ---- responses --------------------------------------------------------------------------------------

@@ -7,12 +7,15 @@ chunk before sending the headers, so they name the device that really serves it 
 before any text (overloaded, no device, prompt too long) gets its true HTTP status instead of a 200 stream.
 
 Security: loopback by default. A non-loopback bind needs an API key (`Authorization: Bearer <key>`) unless
-the caller explicitly opts out, which is logged as a warning.
+the caller explicitly opts out, which is logged as a warning. Error messages never carry a stack trace or a
+path of this machine; CORS is off unless origins are configured.
+
+Limits (body size, prompt size, max_tokens, queue, streams per client, request timeout, drain on SIGTERM)
+are `ServerLimits` settings, enforced by `plugin/serve/limits.py` for both APIs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
@@ -20,19 +23,22 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backends.base import ContextOverflowError, GenerationRequest
 from plugin.engine.engine import ChatChunk, Engine, EngineError, NoDeviceAvailable, Overloaded
 from plugin.engine.explain import placement_headers
+from plugin.serve.limits import BodySizeLimit, ClientGone, Gate, LimitExceeded, ServerLimits, Ticket, client_of
 from plugin.serve.metrics import CLIENT_CLOSED, CONTENT_TYPE, ServerMetrics
 from plugin.serve.ollama import add_ollama_routes
+from plugin.serve.redact import redact_paths
 from plugin.serve.schema import (
     BadRequest,
     ChatCompletionBody,
@@ -43,7 +49,6 @@ from plugin.serve.schema import (
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "ACCELSERVE_API_KEY"
-T = TypeVar("T")
 
 
 class APIError(Exception):
@@ -67,16 +72,24 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        message = redact_paths(self.message)
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+_LIMIT_TYPES = {429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
 
 
 def api_error_from(e: BaseException) -> APIError:
     """Map an engine/backend exception to its HTTP status. Order matters: ContextOverflowError is a ValueError."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, LimitExceeded):
+        headers = {"retry-after": str(e.retry_after_s)} if e.retry_after_s is not None else None
+        type_ = _LIMIT_TYPES.get(e.status, "invalid_request_error")
+        return APIError(e.status, e.message, type_, e.code, e.param, headers)
     if isinstance(e, ContextOverflowError):
         return APIError(413, str(e), code="context_length_exceeded", param="messages")
     if isinstance(e, BadRequest):
@@ -89,20 +102,39 @@ def api_error_from(e: BaseException) -> APIError:
         return APIError(503, str(e), "service_unavailable_error", "no_device_available")
     if isinstance(e, EngineError):
         return APIError(500, str(e), "server_error", "engine_error")
-    return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error", "internal_error")
+    # The details (and the trace) are in the server's log, never in the response.
+    return APIError(500, f"internal server error ({type(e).__name__}); the server log has the details")
 
 
 # ---- app --------------------------------------------------------------------------------------------
 
 
-def create_app(engines: dict[str, Engine], api_key: str | None = None) -> FastAPI:
+def create_app(engines: dict[str, Engine], api_key: str | None = None, limits: ServerLimits | None = None) -> FastAPI:
     """The HTTP app over ready engines (one per served model name). The caller owns (and closes) the engines."""
     if not engines:
         raise ValueError("create_app needs at least one engine: {model_name: Engine}")
+    limits = limits or ServerLimits()
     metrics = ServerMetrics()
+    gate = Gate(limits, on_reject=lambda code: metrics.rejected.labels(reason=code).inc())
     app = FastAPI(title="accelserve", description="OpenAI-compatible API over accelerator-aware engines")
     app.state.engines = engines
     app.state.metrics = metrics
+    app.state.gate = gate
+
+    def too_large(size: int) -> JSONResponse:
+        metrics.rejected.labels(reason="body_too_large").inc()
+        message = f"the request body has {size} bytes, more than this server accepts ({limits.max_body_bytes})"
+        return APIError(413, message, code="body_too_large").response()
+
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, respond=too_large)
+    if limits.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(limits.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type"],
+            expose_headers=["x-request-id", "x-accelserve-device", "x-accelserve-backend", "x-accelserve-provider"],
+        )
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -123,7 +155,7 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None) -> FastAP
     async def _known(_: Request, e: Exception) -> JSONResponse:
         return api_error_from(e).response()
 
-    for known in (ValueError, EngineError):  # BadRequest and ContextOverflowError are ValueErrors
+    for known in (ValueError, EngineError, LimitExceeded):  # BadRequest and ContextOverflowError are ValueErrors
         app.add_exception_handler(known, _known)
 
     @app.exception_handler(Exception)
@@ -163,12 +195,12 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None) -> FastAP
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
         engine = engine_for(body.model)
-        return await _generate(engine, body, body.to_request(), "chat", metrics, request)
+        return await _generate(engine, body, body.to_request(), "chat", metrics, gate, request)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionBody, request: Request) -> Response:
         engine = engine_for(body.model)
-        return await _generate(engine, body, body.to_request(), "completion", metrics, request)
+        return await _generate(engine, body, body.to_request(), "completion", metrics, gate, request)
 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> dict[str, Any]:
@@ -178,7 +210,7 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None) -> FastAP
     async def model(name: str) -> dict[str, Any]:
         return _model_card(name, engine_for(name))
 
-    add_ollama_routes(app, engines, check_key)
+    add_ollama_routes(app, engines, check_key, gate)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -239,36 +271,38 @@ async def _generate(
     request: GenerationRequest,
     kind: str,
     metrics: ServerMetrics,
+    gate: Gate,
     http: Request,
 ) -> Response:
     """Run one request; the first chunk is awaited before any response is sent, so errors get real statuses.
-    A client that leaves before its reply is complete cancels the generation (streamed or not)."""
+    A client that leaves before its reply is complete cancels the generation (streamed or not); so do the
+    request's deadline and the end of a drain."""
     model = body.model
     t0 = time.perf_counter()
-    shape = ResponseShape(kind, model, request.request_id, token_text=_token_text(engine))  # type: ignore[arg-type]
     endpoint = "chat" if kind == "chat" else "completions"
+    ticket = gate.admit(client_of(http), request, engine.model.profile.context_length)
+    shape = ResponseShape(kind, model, request.request_id, token_text=_token_text(engine))  # type: ignore[arg-type]
     metrics.in_flight.labels(model=model).inc()
+    done = _Finisher(metrics, model, endpoint, "none", t0, ticket)
     stream = engine.astream(request, policy=body.accelserve_policy)
     try:
-        first = await _unless_client_leaves(http, anext(stream, None))
+        first = await ticket.wait(anext(stream, None), http.is_disconnected)
     except BaseException as e:
         await stream.aclose()
-        metrics.in_flight.labels(model=model).dec()
-        status = CLIENT_CLOSED if isinstance(e, _ClientGone) else api_error_from(e).status
-        metrics.observe_request(
-            model=model, device="none", status=status, endpoint=endpoint, duration_s=time.perf_counter() - t0
-        )
-        if isinstance(e, _ClientGone):
+        if isinstance(e, Overloaded):
+            metrics.rejected.labels(reason="queue_full").inc()
+        done(CLIENT_CLOSED if isinstance(e, ClientGone) else api_error_from(e).status, None)
+        if isinstance(e, ClientGone):
             return Response(status_code=int(CLIENT_CLOSED))  # nobody reads it
         if isinstance(e, Exception):
             raise api_error_from(e) from e
         raise
     if first is None:
-        metrics.in_flight.labels(model=model).dec()
+        done(500, None)
         raise APIError(500, "the engine ended the stream without any chunk", "server_error", "engine_error")
 
     headers = placement_headers(first.placement, request.request_id)
-    done = _Finisher(metrics, model, endpoint, first.placement.device_id, t0)
+    done.device = first.placement.device_id
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
@@ -290,8 +324,8 @@ async def _generate(
         return parts, last
 
     try:
-        parts, last = await _unless_client_leaves(http, rest())
-    except _ClientGone:
+        parts, last = await ticket.wait(rest(), http.is_disconnected)
+    except ClientGone:
         done(CLIENT_CLOSED, None)
         return Response(status_code=int(CLIENT_CLOSED))
     except StopAsyncIteration:
@@ -328,42 +362,21 @@ def _token_text(engine: Engine) -> Any:
     return text
 
 
-class _ClientGone(Exception):
-    """The HTTP client disconnected before its reply was ready."""
-
-
-_DISCONNECT_POLL_S = 0.25
-
-
-async def _unless_client_leaves(http: Request, work: Awaitable[T]) -> T:
-    """Await `work`, but cancel it (which cancels the engine request and frees its queue place or slot) as soon
-    as the client disconnects. Needed where no response is being sent yet: while queued, and for non-streamed
-    replies; a started stream notices the disconnect on its own."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            finished, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-            if finished:
-                return task.result()
-            if await http.is_disconnected():
-                raise _ClientGone()
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
 class _Finisher:
-    """Records a request's outcome exactly once (in-flight gauge, counters, histograms)."""
+    """Records a request's outcome exactly once (in-flight gauge, counters, histograms) and frees its ticket."""
 
-    def __init__(self, metrics: ServerMetrics, model: str, endpoint: str, device: str, t0: float) -> None:
+    def __init__(
+        self, metrics: ServerMetrics, model: str, endpoint: str, device: str, t0: float, ticket: Ticket
+    ) -> None:
         self.metrics, self.model, self.endpoint, self.device, self.t0 = metrics, model, endpoint, device, t0
+        self.ticket = ticket
         self.finished = False
 
     def __call__(self, status: int | str, last: ChatChunk | None) -> None:
         if self.finished:
             return
         self.finished = True
+        self.ticket.release()
         self.metrics.in_flight.labels(model=self.model).dec()
         m = last.metrics if last is not None else None
         self.metrics.observe_request(
@@ -413,7 +426,7 @@ async def _sse(
                     yield _event(shape.usage_chunk(chunk.metrics))
                 done(200, chunk)
                 break
-            chunk = await anext(stream, None)
+            chunk = await done.ticket.wait(anext(stream, None))
         else:
             done(500, None)
             yield _event(APIError(500, "the engine stream ended early", "server_error", "engine_error").body())
@@ -482,12 +495,12 @@ def serve(
     api_key: str | None = None,
     allow_insecure: bool = False,
     policy: str = "auto",
+    limits: ServerLimits | None = None,
 ) -> None:
-    """Load every model (exporting if needed), then serve them until interrupted."""
-    import uvicorn
-
+    """Load every model (exporting if needed), then serve them until interrupted (SIGTERM drains first)."""
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(host, api_key, allow_insecure)
+    limits = limits or ServerLimits()
     names = list(models) or ["default"]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
@@ -495,7 +508,7 @@ def serve(
     try:
         for name in names:
             log.info("loading %s ...", name)
-            engine = Engine.from_pretrained(name, policy=policy)
+            engine = Engine.from_pretrained(name, policy=policy, max_queue=limits.max_queue)
             engines[name] = engine
             placement = engine.preload()
             log.info(
@@ -506,9 +519,30 @@ def serve(
                 placement.provider,
                 " [simulated device]" if placement.simulated else "",
             )
-        app = create_app(engines, api_key=api_key)
+        app = create_app(engines, api_key=api_key, limits=limits)
         log.info("serving %s on http://%s:%d/v1 (auth: %s)", names, host, port, "bearer key" if api_key else "none")
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        run_app(app, host, port)
     finally:
         for engine in engines.values():
             engine.close()
+
+
+def run_app(app: FastAPI, host: str, port: int, sockets: list[socket.socket] | None = None) -> None:
+    """Serve `app` with uvicorn until SIGINT/SIGTERM. The first signal drains: the listener closes, new
+    generations on open connections get 503, running ones have `drain_timeout_s` to finish and are then
+    ended with a final error event, so no client is left hanging and the process exits cleanly."""
+    import uvicorn
+
+    gate: Gate = app.state.gate
+    drain_s = gate.limits.drain_timeout_s
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not gate.drain.draining:
+                log.info("shutting down: running generations have %.0f s to finish", drain_s)
+            gate.drain.begin(drain_s)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own grace period outlasts the drain, so the streams end themselves before it cancels anything
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s + 5)
+    DrainingServer(config).run(sockets=sockets)
