@@ -250,7 +250,7 @@ def test_invalid_sampling_value_is_400(stack):
     r = stack.post(
         "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": -1}
     )
-    assert_error(r, 400, "invalid_request_error", "temperature must be >= 0")
+    assert_error(r, 400, "invalid_request_error", "'temperature': input should be greater than or equal to 0")
 
 
 def test_schema_problems_are_400_not_422(stack):
