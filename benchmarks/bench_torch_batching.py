@@ -1,15 +1,22 @@
-"""Throughput of the torch backend's continuous batching against plain `model.generate`, side by side.
+"""Throughput of the torch backend's continuous batching at 1/4/8/16 streams, against plain `model.generate`
+and, side by side in the same run, against another version of the backend (`--baseline-src`).
 
-For each repeat, in one process and on the same loaded weights:
+Each repeat runs one worker process per implementation (alternating which goes first), on the same model:
   1. plain `model.generate` (batch 1, greedy, SDPA), tokens timed with a streamer;
-  2. TorchBackend, one stream;
-  3. TorchBackend, N concurrent streams (different prompts, submitted together from N threads).
+  2. TorchBackend with N concurrent streams for each N in `--streams` (different prompts, submitted together);
+  3. an audit of one steady decode step at the largest N (benchmarks/step_audit.py): host syncs, uploads and
+     aten ops outside the model's forward.
 Every run generates exactly `--new-tokens` tokens (EOS is ignored) so the rates compare like with like.
 Decode rate = (tokens - 1) / (last token time - first token time) per stream; aggregate rate = all new
 tokens / wall time from submission to the last token (includes prefill). Medians over the repeats.
+`--sampling` gives every stream temperature 0.8, top-k 50, top-p 0.95, repetition penalty 1.1 and its own
+seed (the per-row sampling path); the default is greedy.
 
 Runs on CUDA when torch sees a GPU (the numbers are then GPU numbers and labelled so), else on the CPU.
-Usage: python benchmarks/bench_torch_batching.py [--model default] [--streams 8] [--repeats 3] [--threads 1]
+Usage: python benchmarks/bench_torch_batching.py [--model default] [--streams 1,4,8,16] [--repeats 3]
+       [--threads 1] [--sampling] [--baseline-src DIR]
+`--baseline-src DIR` is a folder holding another version's `backends` package (for example
+`git archive <commit> backends | tar -x -C DIR`); its workers import the backend from there.
 
 On a small CPU shared with other processes, `--threads 1` is faster and far steadier: a 2-thread OpenMP
 region on a busy core waits a scheduler tick (~16 ms) per matmul, which hits the batched [8, hidden]
@@ -24,10 +31,12 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -35,12 +44,24 @@ from rich.progress import Progress
 from rich.table import Table
 from transformers.generation.streamers import BaseStreamer
 
+ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(ROOT))
 
-from backends.base import GenerationRequest, SamplingParams
-from backends.torch.backend import TorchBackend
-from benchmarks.common import QUESTIONS
+
+def _baseline_first() -> None:
+    """A worker for another version puts that version's `backends` package ahead of this checkout's."""
+    if "--worker" in sys.argv and "--src" in sys.argv:
+        src = sys.argv[sys.argv.index("--src") + 1]
+        if src:
+            sys.path.insert(0, str(Path(src).resolve()))
+
+
+_baseline_first()
+
+from backends.base import GenerationRequest, SamplingParams  # noqa: E402
+from backends.torch.backend import TorchBackend  # noqa: E402
+from benchmarks.common import QUESTIONS  # noqa: E402
 
 
 class _TimingStreamer(BaseStreamer):
@@ -67,6 +88,7 @@ def _decode_rate(times: list[float]) -> float:
 
 
 def run_plain(backend: TorchBackend, prompt_ids: list[int], new_tokens: int) -> dict:
+    """Plain `model.generate` at batch 1: the reference the backend's single stream should match."""
     model = backend.model
     ids = torch.tensor([prompt_ids], device=backend.device)
     streamer = _TimingStreamer()
@@ -85,10 +107,22 @@ def run_plain(backend: TorchBackend, prompt_ids: list[int], new_tokens: int) -> 
     return {"tokens": n, "wall_s": wall, "decode_tps": _decode_rate(streamer.times), "aggregate_tps": n / wall}
 
 
-def run_backend(backend: TorchBackend, prompts: list[list[dict]], new_tokens: int) -> dict:
-    params = SamplingParams(max_new_tokens=new_tokens)
-    requests = [GenerationRequest(messages=m, sampling=params) for m in prompts]
+def sampling_params(new_tokens: int, sampling: bool, seed: int) -> SamplingParams:
+    if not sampling:
+        return SamplingParams(max_new_tokens=new_tokens)
+    return SamplingParams(
+        max_new_tokens=new_tokens, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=seed
+    )
+
+
+def run_backend(backend: TorchBackend, prompts: list[list[dict]], new_tokens: int, sampling: bool = False) -> dict:
+    """N concurrent streams submitted together; per-stream decode rates, aggregate rate, and every stream's ids."""
+    requests = [
+        GenerationRequest(messages=m, sampling=sampling_params(new_tokens, sampling, seed=i))
+        for i, m in enumerate(prompts)
+    ]
     times: list[list[float]] = [[] for _ in requests]
+    ids: list[list[int]] = [[] for _ in requests]
     t0 = time.perf_counter()
     streams = [backend.generate(r) for r in requests]
 
@@ -96,6 +130,7 @@ def run_backend(backend: TorchBackend, prompts: list[list[dict]], new_tokens: in
         for chunk in streams[i]:
             if chunk.token_ids:
                 times[i].append(time.perf_counter())
+                ids[i].extend(chunk.token_ids)
 
     threads = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
     for t in threads:
@@ -113,7 +148,75 @@ def run_backend(backend: TorchBackend, prompts: list[list[dict]], new_tokens: in
         "decode_tps": decode_tokens / decode_span if decode_span > 0 else float("nan"),
         "aggregate_tps": total / wall,
         "ttft_s_median": statistics.median(t[0] - t0 for t in times),
+        "ids": ids,
     }
+
+
+def audit(backend: TorchBackend, prompts: list[list[dict]], sampling: bool) -> dict[str, float]:
+    """Host syncs, uploads and aten ops of one steady decode step with len(prompts) rows (step_audit.py)."""
+    from backends.torch import batching
+    from benchmarks.step_audit import admitted_runner, audit_steps
+
+    encoder = backend._encoder
+    works = []
+    for i, m in enumerate(prompts):
+        request = GenerationRequest(messages=m, sampling=sampling_params(1000, sampling, seed=i))
+        ids = backend.prompt_ids(request)
+        works.append(
+            batching.make_work(f"audit{i}", ids, request.sampling, frozenset(), encoder.decoder(ids), backend.device)
+        )
+    runner = admitted_runner(batching, backend.model, backend.device, works)
+    with torch.inference_mode():
+        runner._step()  # warm
+    return audit_steps(runner, 8)
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One repeat of every measurement for the implementation importable now (this checkout or --src)."""
+    import backends.torch.backend as impl
+    from plugin.models.resolve import resolve_model
+
+    counts = [int(n) for n in args.streams.split(",")]
+    model = resolve_model(args.model)
+    backend = TorchBackend(
+        model.path, device=args.device, dtype=args.dtype, max_batch_size=max(counts), num_threads=args.threads
+    )
+    backend.load()
+    backend.eos_ids = frozenset()  # fixed-length runs: compare equal work
+    caps = backend.capabilities()
+    prompts = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(max(counts))]
+    one_ids = backend.prompt_ids(GenerationRequest(messages=prompts[0]))
+    run_plain(backend, one_ids, 8)  # warm-up (allocator, kernels, lazy init)
+    run_backend(backend, prompts[: max(counts)], 8, args.sampling)
+    out: dict[str, Any] = {
+        "source": str(Path(impl.__file__).resolve().parents[2]),
+        "provider": caps.provider,
+        "device": caps.device,
+        "precision": caps.precision,
+        "simulated": caps.simulated,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else None,
+        "model": model.profile.name,
+        "plain_generate_b1": run_plain(backend, one_ids, args.new_tokens),
+        "streams": {},
+    }
+    for n in counts:
+        out["streams"][str(n)] = run_backend(backend, prompts[:n], args.new_tokens, args.sampling)
+    out["audit"] = audit(backend, prompts[: max(counts)], args.sampling)
+    backend.unload()
+    return out
+
+
+def _spawn(args: argparse.Namespace, src: str, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--src", src, "--worker-out", str(out)]
+    for flag in ("model", "device", "dtype", "streams", "new_tokens", "threads"):
+        value = getattr(args, flag)
+        if value is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.sampling:
+        cmd.append("--sampling")
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(out.read_text())
 
 
 def main() -> None:
@@ -121,84 +224,98 @@ def main() -> None:
     ap.add_argument("--model", default="default", help="'default', an HF folder, a .gguf or a cached hub id")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--streams", default="1,4,8,16", help="comma-separated stream counts")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--sampling", action="store_true", help="sampled streams instead of greedy")
+    ap.add_argument("--baseline-src", default=None, help="folder with another version's backends package")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "torch_batching.json")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--src", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from plugin.models.resolve import resolve_model
+    if args.worker:
+        args.worker_out.write_text(json.dumps(worker(args)))
+        return
 
-    model = resolve_model(args.model)
-    backend = TorchBackend(
-        model.path,
-        device=args.device,
-        dtype=args.dtype,
-        max_batch_size=max(args.streams, 1),
-        num_threads=args.threads,
-    )
-    backend.load()
-    backend.eos_ids = frozenset()  # fixed-length runs: compare equal work
-    caps = backend.capabilities()
-    prompts = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(args.streams)]
-    one = prompts[:1]
-    one_ids = backend.prompt_ids(GenerationRequest(messages=one[0]))
-
-    # warm-up (allocator, kernels, lazy init)
-    run_plain(backend, one_ids, 8)
-    run_backend(backend, prompts, 8)
-
-    runs: dict[str, list[dict]] = {"plain_generate_b1": [], "backend_b1": [], f"backend_b{args.streams}": []}
+    impls = {"current": ""}
+    if args.baseline_src:
+        impls = {"baseline": str(Path(args.baseline_src).resolve()), "current": ""}
+    runs: dict[str, list[dict]] = {name: [] for name in impls}
+    scratch = args.out.with_suffix(".worker.json")
+    scratch.parent.mkdir(parents=True, exist_ok=True)
     with Progress() as progress:
-        task = progress.add_task("benchmark", total=args.repeats * 3)
-        for _ in range(args.repeats):
-            runs["plain_generate_b1"].append(run_plain(backend, one_ids, args.new_tokens))
-            progress.advance(task)
-            runs["backend_b1"].append(run_backend(backend, one, args.new_tokens))
-            progress.advance(task)
-            runs[f"backend_b{args.streams}"].append(run_backend(backend, prompts, args.new_tokens))
-            progress.advance(task)
-    backend.unload()
-
-    med = {
-        name: {k: statistics.median(r[k] for r in rs) for k in ("decode_tps", "aggregate_tps", "wall_s")}
-        for name, rs in runs.items()
-    }
-    b1 = med["backend_b1"]
-    bn = med[f"backend_b{args.streams}"]
-    plain = med["plain_generate_b1"]
-    summary = {
-        "batch1_decode_vs_plain_generate": b1["decode_tps"] / plain["decode_tps"],
-        f"batch{args.streams}_aggregate_vs_batch1": bn["aggregate_tps"] / b1["aggregate_tps"],
-        f"batch{args.streams}_decode_vs_batch1": bn["decode_tps"] / b1["decode_tps"],
-    }
-    table = Table(title=f"torch backend on {caps.provider} ({caps.precision}), {model.profile.name}")
-    for col in ("run", "decode tok/s (median)", "aggregate tok/s incl. prefill", "wall s"):
-        table.add_column(col, justify="right" if col != "run" else "left")
+        task = progress.add_task("benchmark", total=args.repeats * len(impls))
+        for r in range(args.repeats):
+            order = list(impls) if r % 2 == 0 else list(reversed(impls))  # alternate who runs first
+            for name in order:
+                runs[name].append(_spawn(args, impls[name], scratch))
+                progress.advance(task)
+    scratch.unlink(missing_ok=True)
+    counts = args.streams.split(",")
+    first = runs["current"][0]
+    med: dict[str, Any] = {}
+    for name, rs in runs.items():
+        med[name] = {
+            "plain_generate_b1_decode_tps": statistics.median(r["plain_generate_b1"]["decode_tps"] for r in rs),
+            "aggregate_tps": {n: statistics.median(r["streams"][n]["aggregate_tps"] for r in rs) for n in counts},
+            "decode_tps": {n: statistics.median(r["streams"][n]["decode_tps"] for r in rs) for n in counts},
+            "audit": rs[0]["audit"],
+        }
+    # greedy streams must be the same tokens whichever implementation ran them
+    same_ids = None
+    if "baseline" in runs and not args.sampling:
+        same_ids = all(
+            runs["baseline"][0]["streams"][n]["ids"] == runs["current"][0]["streams"][n]["ids"] for n in counts
+        )
+    kind = "sampled" if args.sampling else "greedy"
+    title = f"torch backend on {first['provider']} ({first['precision']}), {first['model']}, {kind}, aggregate tok/s"
+    table = Table(title=title)
+    table.add_column("implementation")
+    for n in counts:
+        table.add_column(f"{n} stream{'s' if n != '1' else ''}", justify="right")
+    table.add_column("host syncs / step (+ in model)", justify="right")
+    table.add_column("uploads / step", justify="right")
+    table.add_column("ops / step", justify="right")
     for name, m in med.items():
-        table.add_row(name, f"{m['decode_tps']:.1f}", f"{m['aggregate_tps']:.1f}", f"{m['wall_s']:.2f}")
+        a = m["audit"]
+        table.add_row(
+            name,
+            *(f"{m['aggregate_tps'][n]:.1f}" for n in counts),
+            f"{a['host_syncs']:.0f} (+{a.get('host_syncs_in_model', float('nan')):.0f})",
+            f"{a['uploads']:.0f}",
+            f"{a['ops']:.0f}",
+        )
     console = Console()
     console.print(table)
-    for k, v in summary.items():
-        console.print(f"{k}: {v:.2f}x")
+    for name, m in med.items():
+        console.print(f"{name}: plain model.generate batch 1 decode {m['plain_generate_b1_decode_tps']:.1f} tok/s")
+    if same_ids is not None:
+        console.print(f"greedy token ids identical across implementations: {same_ids}")
     console.print(f"load average (1, 5, 15 min): {os.getloadavg()}; other processes share these cores")
-
+    for rs in runs.values():
+        for r in rs:
+            for s in r["streams"].values():
+                s.pop("ids", None)
     result = {
-        "model": model.profile.name,
-        "device": caps.device,
-        "provider": caps.provider,
-        "precision": caps.precision,
-        "simulated": caps.simulated,
-        "torch_threads": torch.get_num_threads(),
+        "model": first["model"],
+        "device": first["device"],
+        "provider": first["provider"],
+        "precision": first["precision"],
+        "simulated": first["simulated"],
+        "gpu": first["gpu"],
+        "torch_threads": first["torch_threads"],
         "cpu": platform.processor() or platform.machine(),
         "load_average_at_end": list(os.getloadavg()),
-        "gpu": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else None,
-        "streams": args.streams,
+        "sampling": args.sampling,
+        "streams": [int(n) for n in counts],
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
+        "implementations": impls,
+        "greedy_ids_identical": same_ids,
         "medians": med,
-        "summary": summary,
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
