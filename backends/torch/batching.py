@@ -262,13 +262,13 @@ class BatchRunner:
         if self._accept(w, token, raw, 0):
             return
         row.history = [*w.prompt_ids, token]
-        try:
-            pending = kv.merged(self.batch, cache, len(w.prompt_ids), token)
+        try:  # the sampler first: if the cache then fails to grow, merged() has put it back as it was
             joined = self.sampler.joined(row) if self.sampler is not None else sampler
+            batch = kv.merged(self.batch, cache, len(w.prompt_ids), token)
         except Exception as e:
             self._request_failed(w, f"joining the running batch of {len(self.rows)} sequences", e)
             return
-        self.batch, self.sampler = pending.commit(), joined
+        self.batch, self.sampler = batch, joined
         self.rows.append(w)
         self.peak_batch = max(self.peak_batch, len(self.rows))
 
@@ -418,8 +418,8 @@ class BatchRunner:
             self._cancel.discard(w.request_id)
 
     def _remove_rows(self, indices: list[int]) -> None:
-        """Drop finished rows from the batch, all or nothing; if compacting runs out of memory, the newest
-        surviving row is failed too and the smaller batch is compacted again."""
+        """Drop finished rows from the batch, all or nothing; if building the smaller batch runs out of memory,
+        the newest surviving row is failed too and the smaller batch is built again."""
         if not indices:
             return
         assert self.batch is not None and self.sampler is not None
@@ -427,8 +427,8 @@ class BatchRunner:
         keep = [i for i in range(len(self.rows)) if i not in drop]
         while keep:
             try:
-                pending = kv.selected(self.batch, keep)
                 sampler = self.sampler.selected(keep)
+                batch = kv.selected(self.batch, keep)
                 break
             except Exception as e:
                 victim = keep.pop()
@@ -436,7 +436,7 @@ class BatchRunner:
         if not keep:
             self.rows, self.batch, self.sampler = [], None, None
             return
-        self.batch, self.sampler = pending.commit(), sampler
+        self.batch, self.sampler = batch, sampler
         self.rows = [self.rows[i] for i in keep]
 
 

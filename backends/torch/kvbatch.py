@@ -5,11 +5,13 @@ has zero keys/values in its first columns, hidden by a 2-D attention mask [B, L]
 next input token and position id live on the device ([B] each), so a decode step starts without
 building tensors from Python lists.
 
-`merged` (a prefilled request joins) and `selected` (rows leave) build every new tensor first and only
-then `commit` them; an error while building (out of memory copying the cache) leaves the running batch
-exactly as it was, so only the request that was joining or the rows that were leaving are concerned.
-The price is a transient second copy of the cache during a join or a compaction (in the memory ledger's
-activation allowance).
+Both changes of shape are all or nothing, without a second copy of the cache in flight:
+- `merged` (a prefilled request joins) grows the cache one layer at a time; if a layer cannot be
+  allocated, the layers already grown are cut back to views of exactly their old contents and the error
+  propagates: the running batch is as it was, and only the joining request fails;
+- `selected` (rows leave) builds the small tensors first, then compacts the cache in place (no allocation).
+The transient memory is one layer's copy of the batch at a join, the same as DynamicCache's own per-step
+concatenation (both are in the memory ledger's activation allowance).
 """
 
 from __future__ import annotations
@@ -38,71 +40,70 @@ class KVBatch:
         return int(self.mask.shape[1])
 
 
-@dataclass
-class _Pending:
-    """New tensors for a batch, built but not yet installed."""
-
-    cache: DynamicCache
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    mask: torch.Tensor
-    pads: list[int]
-    next_ids: torch.Tensor
-    positions: torch.Tensor
-
-    def commit(self) -> KVBatch:
-        """Install the new tensors (assignments only: nothing here allocates or can fail)."""
-        for layer, (k, v) in zip(self.cache.layers, self.layers, strict=True):
-            layer.keys, layer.values = k, v
-        return KVBatch(self.cache, self.mask, self.pads, self.next_ids, self.positions)
-
-
-def merged(batch: KVBatch | None, cache: DynamicCache, prompt_len: int, first_token: int) -> _Pending:
+def merged(batch: KVBatch | None, cache: DynamicCache, prompt_len: int, first_token: int) -> KVBatch:
     """The batch with a freshly prefilled request (`cache` of one row, `prompt_len` long) appended as the
-    last row. The request's own cache object receives the merged tensors at commit."""
+    last row; all or nothing. The cache grows layer by layer (one layer's copy in flight, never a second
+    copy of the whole cache); if a layer fails, the layers already grown are cut back to their old rows
+    and columns (views of the new tensors: no allocation), and the error propagates."""
     device = cache.layers[0].keys.device
     token = torch.tensor([first_token, prompt_len], dtype=torch.long).to(device)
     if batch is None:
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
         mask = torch.ones((1, prompt_len), dtype=torch.long, device=device)
-        return _Pending(cache, layers, mask, [0], token[:1], token[1:])
-    cur_len = batch.length
+        return KVBatch(cache, mask, [0], token[:1], token[1:])
+    rows, cur_len = batch.size, batch.length
     total = max(cur_len, prompt_len)
     grow, new_pad = total - cur_len, total - prompt_len
-    layers = []
-    for layer, new_layer in zip(batch.cache.layers, cache.layers, strict=True):
-        k, v = layer.keys, layer.values
-        if grow:
-            k, v = F.pad(k, (0, 0, grow, 0)), F.pad(v, (0, 0, grow, 0))
-        nk, nv = new_layer.keys, new_layer.values
-        if new_pad:
-            nk, nv = F.pad(nk, (0, 0, new_pad, 0)), F.pad(nv, (0, 0, new_pad, 0))
-        layers.append((torch.cat([k, nk]), torch.cat([v, nv])))
+    # the small tensors first: failing here changes nothing
     new_row = torch.ones((1, total), dtype=torch.long, device=device)
     new_row[:, :new_pad] = 0
-    mask = F.pad(batch.mask, (grow, 0)) if grow else batch.mask
-    return _Pending(
-        cache,
-        layers,
-        torch.cat([mask, new_row]),
-        [p + grow for p in batch.pads] + [new_pad],
-        torch.cat([batch.next_ids, token[:1]]),
-        torch.cat([batch.positions, token[1:]]),
-    )
+    mask = torch.cat([F.pad(batch.mask, (grow, 0)) if grow else batch.mask, new_row])
+    next_ids = torch.cat([batch.next_ids, token[:1]])
+    positions = torch.cat([batch.positions, token[1:]])
+    grown = 0
+    try:
+        for layer, new_layer in zip(batch.cache.layers, cache.layers, strict=True):
+            layer.keys = _stack_row(layer.keys, new_layer.keys, grow, new_pad)
+            layer.values = _stack_row(layer.values, new_layer.values, grow, new_pad)
+            grown += 1
+    except BaseException:
+        for layer in batch.cache.layers[:grown]:
+            layer.keys, layer.values = layer.keys[:rows, :, grow:], layer.values[:rows, :, grow:]
+        layer = batch.cache.layers[grown]
+        if layer.keys.shape[0] != rows:  # keys grew, values did not
+            layer.keys = layer.keys[:rows, :, grow:]
+        raise
+    return KVBatch(batch.cache, mask, [p + grow for p in batch.pads] + [new_pad], next_ids, positions)
 
 
-def selected(batch: KVBatch, keep: list[int]) -> _Pending:
-    """The batch with only the rows at `keep`; leading columns that are padding for every kept row are cut."""
+def _stack_row(old: torch.Tensor, new: torch.Tensor, grow: int, new_pad: int) -> torch.Tensor:
+    """[B, H, L, D] and [1, H, l, D] -> [B + 1, H, max(L, l), D], each left-padded with zeros: one allocation."""
+    b, heads, length, dim = old.shape
+    total = length + grow
+    out = old.new_zeros((b + 1, heads, total, dim))
+    out[:b, :, grow:] = old
+    out[b:, :, new_pad:] = new
+    return out
+
+
+def selected(batch: KVBatch, keep: list[int]) -> KVBatch:
+    """The batch with only the rows at `keep` (ascending); leading columns that are padding for every kept row
+    are cut. The small tensors are built first (failing there changes nothing); the cache is then compacted
+    in place (kept rows copied down, then a view), which allocates nothing and so cannot run out of memory."""
     pads = [batch.pads[i] for i in keep]
     cut = min(pads)
-    if keep == list(range(keep[0], keep[-1] + 1)):  # a contiguous run of rows: views, no copy
-        rows = slice(keep[0], keep[-1] + 1)
-        layers = [(layer.keys[rows, :, cut:], layer.values[rows, :, cut:]) for layer in batch.cache.layers]
-        mask, next_ids, positions = batch.mask[rows, cut:], batch.next_ids[rows], batch.positions[rows]
+    n = len(keep)
+    if keep == list(range(n)):
+        mask, next_ids, positions = batch.mask[:, cut:][:n], batch.next_ids[:n], batch.positions[:n]
     else:
         idx = torch.tensor(keep, dtype=torch.long).to(batch.mask.device)
-        layers = [(layer.keys[idx, :, cut:], layer.values[idx, :, cut:]) for layer in batch.cache.layers]
         mask, next_ids, positions = batch.mask[idx, cut:], batch.next_ids[idx], batch.positions[idx]
-    return _Pending(batch.cache, layers, mask, [p - cut for p in pads], next_ids, positions)
+    for layer in batch.cache.layers:
+        for j, src in enumerate(keep):  # keep is ascending, so row j's old content has already moved
+            if src != j:
+                layer.keys[j].copy_(layer.keys[src])
+                layer.values[j].copy_(layer.values[src])
+        layer.keys, layer.values = layer.keys[:n, :, cut:], layer.values[:n, :, cut:]
+    return KVBatch(batch.cache, mask, [p - cut for p in pads], next_ids, positions)
 
 
 def step_mask(batch: KVBatch) -> torch.Tensor:
