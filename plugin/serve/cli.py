@@ -15,6 +15,7 @@ from rich.logging import RichHandler
 
 from plugin.engine.explain import placement_text
 from plugin.engine.scheduler import POLICIES
+from plugin.serve.limits import ServerLimits
 
 console = Console()
 err_console = Console(stderr=True)
@@ -149,6 +150,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from plugin.serve.server import serve
 
+    limits = ServerLimits(
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_prompt_chars=args.max_prompt_chars,
+        max_tokens=args.max_tokens,
+        max_queue=args.max_queue,
+        max_streams_per_client=args.max_streams_per_client,
+        request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
+        cors_origins=tuple(args.cors_origin or ()),
+    )
     serve(
         models=args.model or ["default"],
         host=args.host,
@@ -156,6 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         allow_insecure=args.insecure_no_api_key,
         policy=args.policy,
+        limits=limits,
     )
     return 0
 
@@ -243,6 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer <key>'")
     p.add_argument("--insecure-no-api-key", action="store_true", help="allow a non-loopback bind without a key")
     p.add_argument("--policy", choices=POLICIES, default="auto")
+    d = ServerLimits  # the defaults
+    g = p.add_argument_group("limits (each refusal is counted in /metrics as accelserve_rejected_requests)")
+    g.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="413 above it (default 4)")
+    g.add_argument("--max-prompt-chars", type=int, help="413 above it (default: 32 per token of the context)")
+    g.add_argument("--max-tokens", type=int, help="400 above it (default: the model's context)")
+    g.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests per backend; 429 beyond")
+    g.add_argument(
+        "--max-streams-per-client",
+        type=int,
+        default=d.max_streams_per_client,
+        help="concurrent generations per client address; 429 beyond; 0: no limit",
+    )
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout_s, help="seconds; 504 past it")
+    g.add_argument(
+        "--drain-timeout", type=float, default=d.drain_timeout_s, help="seconds running streams get on SIGTERM"
+    )
+    g.add_argument("--cors-origin", action="append", help="allow this browser origin (repeatable; '*': any)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="benchmarks (see benchmarks/)")

@@ -123,14 +123,15 @@ class Ticket:
         task = asyncio.ensure_future(work)
         try:
             while True:
-                remaining = self.deadline - time.monotonic()
-                done, _ = await asyncio.wait({task}, timeout=max(0.0, min(_POLL_S, remaining)))
-                if done:
-                    return task.result()
+                # checked before every wait, so a stream whose chunks come faster than the poll still ends
                 if time.monotonic() >= self.deadline:
                     raise self.gate.timed_out()
                 if self.gate.drain.expired():
                     raise self.gate.shutting_down("the server is shutting down and ended this generation")
+                remaining = self.deadline - time.monotonic()
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, min(_POLL_S, remaining)))
+                if done:
+                    return task.result()
                 if is_disconnected is not None and await is_disconnected():
                     raise ClientGone()
         finally:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -238,7 +239,7 @@ def _model_card(name: str, engine: Engine) -> dict[str, Any]:
         "created": 0,
         "owned_by": "accelserve",
         "accelserve": {
-            "ref": str(engine.model.ref),
+            "ref": redact_paths(str(engine.model.ref)),  # a hub id or "default" as is; a folder by its name
             "parameters": profile.num_parameters,
             "context_length": profile.context_length,
             "policy": engine.policy,
@@ -538,10 +539,14 @@ def run_app(app: FastAPI, host: str, port: int, sockets: list[socket.socket] | N
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn's own handler re-raises the signal after shutting down, which would kill the process
+            # before the caller closes its engines; this one drains, then returns normally (exit code 0).
             if not gate.drain.draining:
                 log.info("shutting down: running generations have %.0f s to finish", drain_s)
             gate.drain.begin(drain_s)
-            super().handle_exit(sig, frame)
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting
+            self.should_exit = True
 
     # uvicorn's own grace period outlasts the drain, so the streams end themselves before it cancels anything
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_s + 5)
