@@ -1,11 +1,14 @@
 """Gradio chat page over the engine: streaming replies, where each one ran and why, live device load.
 
-Run with `accelserve chat [--model M]` (or `make demo` for the default model). Binds 127.0.0.1 by default.
+Run with `accelserve chat [--model M]` (or `make demo` for the default model). Binds 127.0.0.1 by default;
+like the API server, it refuses a non-loopback bind without a login (`--auth USER:PASSWORD` or the
+ACCELSERVE_CHAT_AUTH variable) unless told `--insecure-no-auth`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -149,15 +152,45 @@ def build_app(engine: Engine) -> gr.Blocks:
     return app
 
 
+AUTH_ENV = "ACCELSERVE_CHAT_AUTH"
+
+
+def chat_auth(host: str, auth: str | None, allow_insecure: bool) -> tuple[str, str] | None:
+    """The page's login as Gradio takes it; refuses to expose the page beyond this machine without one."""
+    from plugin.serve.server import is_loopback
+
+    auth = auth or os.environ.get(AUTH_ENV) or None
+    if auth is not None:
+        user, sep, password = auth.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"the chat login must be USER:PASSWORD (from --auth or {AUTH_ENV}), both non-empty")
+        return user, password
+    if is_loopback(host) or allow_insecure:
+        if not is_loopback(host):
+            log.warning("!!! THE CHAT PAGE IS OPEN ON %s WITHOUT A LOGIN: anyone who can reach it can use it !!!", host)
+        return None
+    raise ValueError(
+        f"refusing to serve the chat page on {host!r} without a login: anyone who can reach this address could use "
+        f"it. Pass --auth USER:PASSWORD (or set {AUTH_ENV}), bind 127.0.0.1, or pass --insecure-no-auth"
+    )
+
+
 def launch(
-    model_ref: str = "default", host: str = "127.0.0.1", port: int = 7860, policy: str = "auto", share: bool = False
+    model_ref: str = "default",
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    policy: str = "auto",
+    share: bool = False,
+    auth: str | None = None,
+    allow_insecure: bool = False,
 ) -> None:
+    login = chat_auth("0.0.0.0" if share else host, auth, allow_insecure)  # a share link is public
     engine = Engine.from_pretrained(model_ref, policy=policy)
     placement = engine.preload()
     log.info("ready: %s on %s via %s (%s)", model_ref, placement.device_id, placement.backend, placement.provider)
     app = build_app(engine)
     try:
-        app.queue(default_concurrency_limit=None).launch(server_name=host, server_port=port, share=share)
+        app.queue(default_concurrency_limit=None).launch(server_name=host, server_port=port, share=share, auth=login)
     finally:
         engine.close()
 

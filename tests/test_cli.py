@@ -92,3 +92,31 @@ def test_export_bad_precision_for_target_is_a_clear_error(tiny_llama, accelserve
     assert main(["export", str(tiny_llama), "--target", "npu", "--precision", "fp16"]) == 2
     err = capsys.readouterr().err
     assert "fp16" in err and "Traceback" not in err
+
+
+def test_chat_page_refuses_an_open_bind_without_a_login(capsys, monkeypatch):
+    """Checked before any model is loaded: the message names the fix."""
+    monkeypatch.delenv("ACCELSERVE_CHAT_AUTH", raising=False)
+    monkeypatch.setattr("plugin.engine.engine.Engine.from_pretrained", _must_not_load)
+    assert main(["chat", "--host", "0.0.0.0"]) != 0
+    assert "--auth USER:PASSWORD" in capsys.readouterr().err
+    assert main(["chat", "--host", "0.0.0.0", "--auth", "nopassword"]) != 0
+    assert "USER:PASSWORD" in capsys.readouterr().err
+
+
+def test_chat_login_rules():
+    from demos.chat import chat_auth
+
+    assert chat_auth("127.0.0.1", None, allow_insecure=False) is None
+    assert chat_auth("0.0.0.0", "ann:s3cret:x", allow_insecure=False) == ("ann", "s3cret:x")
+    assert chat_auth("0.0.0.0", None, allow_insecure=True) is None
+
+
+def test_serve_refuses_nonsense_limits_before_loading(capsys, monkeypatch):
+    monkeypatch.setattr("plugin.engine.engine.Engine.from_pretrained", _must_not_load)
+    assert main(["serve", "--max-queue", "0"]) != 0
+    assert "max_queue must be an integer >= 1" in capsys.readouterr().err
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the settings were checked")

@@ -143,7 +143,15 @@ def reply_to_json(reply: Any) -> dict[str, Any]:
 def cmd_chat(args: argparse.Namespace) -> int:
     from demos.chat import launch
 
-    launch(model_ref=args.model, host=args.host, port=args.port, policy=args.policy, share=False)
+    launch(
+        model_ref=args.model,
+        host=args.host,
+        port=args.port,
+        policy=args.policy,
+        share=False,
+        auth=args.auth,
+        allow_insecure=args.insecure_no_auth,
+    )
     return 0
 
 
@@ -246,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--policy", choices=POLICIES, default="auto")
+    p.add_argument("--auth", help="require this login, USER:PASSWORD (or set ACCELSERVE_CHAT_AUTH)")
+    p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback bind without a login")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
