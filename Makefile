@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench
+.PHONY: install demo test test-fast lint format bench bench-serving
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,3 +41,9 @@ format: install
 bench: install
 	$(PY) benchmarks/bench_backends.py
 	$(PY) benchmarks/bench_scheduler.py
+
+# guidellm (vLLM's serving benchmark) against a live server, both CPU paths of the default model. guidellm gets its
+# own virtualenv (.venv-guidellm, created on first use from benchmarks/guidellm-requirements.txt): never .venv.
+bench-serving: install
+	$(PY) benchmarks/bench_serving.py --model default --device cpu --backend onnxruntime-genai
+	$(PY) benchmarks/bench_serving.py --model default --device cpu --backend torch
