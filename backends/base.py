@@ -158,6 +158,9 @@ class BackendHealth:
     healthy: bool
     active_requests: int = 0
     detail: str = ""
+    # the device's context is unusable (e.g. an unrecoverable CUDA error): only a new process can use it again,
+    # so the engine retires the device instead of reloading on it after a back-off
+    restart_required: bool = False
 
 
 @runtime_checkable

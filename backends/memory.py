@@ -2,7 +2,10 @@
 
 The scheduler (will a model fit this device?), the engine (admit one more request to a loaded backend? make
 room by unloading idle ones?) and the torch backend (refuse to load a model that cannot fit) all ask these
-functions, so they can never disagree.
+functions, so they can never disagree. `MemoryLedger` is the live side of the same budget: one per device
+for the whole process, where each loaded backend reserves weights + KV cache + an activation allowance
+against live free memory minus the same headroom, so that two backends on one GPU never both count the
+same free bytes.
 
 - A device may use `MEMORY_FRACTION` of its memory: GPU 90 % (the CUDA context, activations and allocator
   fragmentation take the rest); CPU and NPU 75 % (system RAM is shared with the OS and the server).
@@ -13,7 +16,9 @@ functions, so they can never disagree.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 MEMORY_FRACTION: dict[str, float] = {"gpu": 0.90, "npu": 0.75, "cpu": 0.75}
 
@@ -38,3 +43,137 @@ def kv_cache_bytes(kv_tokens: Sequence[int], bytes_per_token: int) -> int:
 def fits(weight_bytes: int, kv_tokens: Sequence[int], bytes_per_token: int, budget: int) -> bool:
     """Whether weights plus the batch's KV cache fit `budget`."""
     return weight_bytes + kv_cache_bytes(kv_tokens, bytes_per_token) <= budget
+
+
+# ---- the process-wide ledger: what every backend in this process has reserved on each device ----------------
+
+ACTIVATION_ELEMENTS_PER_HIDDEN = 18
+"""Prefill activations per prompt token, in units of hidden_size elements: residual and normed hidden
+states, q/k/v and the attention output, and the MLP's gate/up/activation (about 3 x 4 x hidden). With
+SDPA the attention matrix itself is never materialised."""
+SAMPLING_COPIES = 8
+"""[batch, vocab] fp32 tensors alive while a step chooses tokens (logits, penalised, sorted, probs, noise, ...)."""
+
+
+def activation_bytes(
+    *,
+    hidden_size: int,
+    vocab_size: int,
+    num_layers: int,
+    element_bytes: int,
+    prefill_tokens: int,
+    max_batch: int,
+    kv_bytes: int,
+) -> int:
+    """Working memory beside weights and KV cache: one prompt's prefill activations, the sampling tensors of a
+    full batch, and one layer's transient copy of the KV cache (DynamicCache concatenates a layer per step,
+    and a join grows one layer at a time)."""
+    prefill = prefill_tokens * ACTIVATION_ELEMENTS_PER_HIDDEN * hidden_size * element_bytes
+    sampling = SAMPLING_COPIES * max_batch * vocab_size * 4
+    transient_kv = kv_bytes // max(num_layers, 1)
+    return prefill + sampling + transient_kv
+
+
+Probe = Callable[[], tuple[int, int, int]]
+"""() -> (free bytes on the device now, its total bytes, bytes this process already holds there)."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    owner: str
+    weights: int
+    kv: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.activations
+
+
+class LedgerError(RuntimeError):
+    """A reservation does not fit what the device has left; the message says how much is missing and why."""
+
+
+class MemoryLedger:
+    """One device's memory for the whole process: every backend reserves weights + KV cache + an activation
+    allowance here before loading, and releases it when unloaded.
+
+    What may be reserved in total is measured live: free memory now, plus what this process already holds
+    on the device (its own loaded weights and caches, which free memory no longer counts), minus the
+    headroom the device kind keeps (1 - MEMORY_FRACTION of its total: the CUDA context, allocator
+    fragmentation, other processes). Two backends sizing themselves from the same free memory therefore
+    cannot both take it: the second sees what the first reserved.
+    """
+
+    def __init__(self, device: str, kind: str, probe: Probe) -> None:
+        if kind not in MEMORY_FRACTION:
+            raise ValueError(f"unknown device kind {kind!r}; expected one of {sorted(MEMORY_FRACTION)}")
+        self.device = device
+        self.kind = kind
+        self._probe = probe
+        self._lock = threading.Lock()
+        self._reservations: dict[str, Reservation] = {}
+
+    def headroom(self, total_bytes: int) -> int:
+        return int(total_bytes * (1.0 - MEMORY_FRACTION[self.kind]))
+
+    def capacity(self) -> int:
+        """Bytes this process may have reserved on the device in total, right now."""
+        free, total, held = self._probe()
+        return max(free + held - self.headroom(total), 0)
+
+    def reserved(self) -> int:
+        with self._lock:
+            return sum(r.total for r in self._reservations.values())
+
+    def available(self) -> int:
+        """Bytes a new reservation could get right now."""
+        return max(self.capacity() - self.reserved(), 0)
+
+    def reserve(self, owner: str, *, weights: int, activations: int, min_kv: int, max_kv: int) -> Reservation:
+        """Reserve weights + activations + a KV cache of at least `min_kv` and at most `max_kv` bytes (as much
+        as is left); raise LedgerError when even `min_kv` does not fit. One reservation per owner."""
+        with self._lock:
+            if owner in self._reservations:
+                raise ValueError(f"{owner!r} already holds a reservation on {self.device}; release it first")
+            free, total, held = self._probe()
+            capacity = max(free + held - self.headroom(total), 0)
+            left = capacity - sum(r.total for r in self._reservations.values())
+            need = weights + activations + min_kv
+            if need > left:
+                others = ", ".join(f"{r.owner} {_gib(r.total)}" for r in self._reservations.values()) or "none"
+                raise LedgerError(
+                    f"{owner} needs {_gib(need)} on {self.device} (weights {_gib(weights)} + activations "
+                    f"{_gib(activations)} + KV cache {_gib(min_kv)}) but only {_gib(max(left, 0))} is left: free "
+                    f"{_gib(free)} + held by this process {_gib(held)} - headroom {_gib(self.headroom(total))} "
+                    f"- reserved by other backends here ({others})"
+                )
+            kv = max(min_kv, min(max_kv, left - weights - activations))
+            reservation = Reservation(owner, weights, kv, activations)
+            self._reservations[owner] = reservation
+            return reservation
+
+    def release(self, owner: str) -> None:
+        with self._lock:
+            self._reservations.pop(owner, None)
+
+    def reservations(self) -> list[Reservation]:
+        with self._lock:
+            return list(self._reservations.values())
+
+
+_ledgers: dict[str, MemoryLedger] = {}
+_ledgers_lock = threading.Lock()
+
+
+def ledger(device: str, kind: str, probe: Probe) -> MemoryLedger:
+    """The process's one ledger for `device` (e.g. "cuda:0", "cpu"), created on first use with `probe`."""
+    with _ledgers_lock:
+        book = _ledgers.get(device)
+        if book is None:
+            book = _ledgers[device] = MemoryLedger(device, kind, probe)
+        return book
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"

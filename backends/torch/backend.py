@@ -4,6 +4,12 @@ Concurrent `generate()` calls share decode steps through one scheduler thread (s
 the design). This module owns what surrounds it: choosing the device and precision, refusing models
 that do not fit, turning a request into prompt ids (chat template or raw prompt), and the streams.
 
+On CUDA the device and precision are those of the placement, checked against that very GPU: bf16 only at
+compute capability >= 8.0 of that device (earlier GPUs would emulate it), else fp16; a GPU whose
+architecture the installed torch build has no kernels for is refused at once with the reason, instead of
+failing later with "no kernel image is available". Weights load straight onto the device. Memory is
+reserved in the process's one ledger for the device (backends/memory.py) before loading.
+
 What runs is reported as it is: provider "cuda:N" only when the weights really are on that GPU, "cpu"
 otherwise. A simulated GPU (simulated_device="gpu") runs on the CPU and says so (simulated=True).
 """
@@ -27,10 +33,11 @@ from backends.base import (
     GenerationRequest,
     TokenChunk,
 )
-from backends.memory import fits, kv_cache_bytes
+from backends.memory import LedgerError, MemoryLedger, Reservation, activation_bytes, ledger
 from backends.profile import ModelProfile, profile_from_config
 from backends.prompt import PromptEncoder
 from backends.torch.batching import BatchRunner, Work, make_work
+from backends.torch.errors import RestartRequired, describe, is_fatal
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +87,101 @@ def _parse_index(device: str, text: str) -> int:
 
 
 def resolve_precision(dtype: str, device: torch.device) -> str:
-    """'auto' -> bf16 on GPUs that support it, else fp16; fp32 on the CPU."""
+    """'auto' -> bf16 on a GPU of compute capability >= 8.0, else fp16; fp32 on the CPU. bf16 asked for on an
+    earlier GPU runs as fp16 (torch would emulate bf16 there, slowly), with a warning."""
     if not isinstance(dtype, str):
         raise ValueError(f"dtype must be one of 'auto', 'fp32', 'fp16', 'bf16' (got {dtype!r})")
     d = _DTYPE_ALIASES.get(dtype.strip().lower(), dtype.strip().lower())
-    if d == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
-    if d not in DTYPES:
+    if d != "auto" and d not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use 'auto', 'fp32', 'fp16' or 'bf16'")
-    if d == "fp16" and device.type == "cpu":
+    if device.type == "cuda":
+        native_bf16 = gpu_has_bf16(device)
+        if d == "auto":
+            return "bf16" if native_bf16 else "fp16"
+        if d == "bf16" and not native_bf16:
+            major, minor = torch.cuda.get_device_capability(device)
+            log.warning(
+                "%s has compute capability %d.%d: no native bf16 (it arrived with 8.0), so fp16 is used instead",
+                device,
+                major,
+                minor,
+            )
+            return "fp16"
+        return d
+    if d == "auto":
+        return "fp32"
+    if d == "fp16":
         log.warning("fp16 on the CPU is slow and less accurate than fp32/bf16; consider dtype='fp32' or 'bf16'")
     return d
 
 
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Native bf16 on this GPU: compute capability >= 8.0 of *this* device (torch.cuda.is_bf16_supported asks
+    the current device and counts emulation). ROCm builds answer through torch's own check."""
+    if getattr(torch.version, "hip", None):
+        with torch.cuda.device(device):
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def check_architecture(device: torch.device) -> None:
+    """Refuse a GPU whose architecture the installed torch build has no kernels (nor PTX to compile) for."""
+    arch_list = list(torch.cuda.get_arch_list())
+    if not arch_list or getattr(torch.version, "hip", None):
+        return  # unknown (or ROCm, which names archs differently): the first kernel will tell
+    major, minor = torch.cuda.get_device_capability(device)
+    if _arch_supported(major, minor, arch_list):
+        return
+    raise BackendError(
+        f"{device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor}) is not supported by "
+        f"this torch build, which has kernels for {', '.join(arch_list)}; every kernel would fail with 'no kernel "
+        "image is available'. Install a torch build that supports this GPU, or use another device"
+    )
+
+
+def _arch_supported(major: int, minor: int, arch_list: list[str]) -> bool:
+    """A cubin sm_XY runs on capability X.Z for Z >= Y (same major); PTX compute_XY JIT-compiles for any
+    capability >= X.Y; an arch-specific cubin (sm_90a) runs only on its own capability."""
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        digits = number.rstrip("abcdefghijklmnopqrstuvwxyz")
+        if len(digits) < 2 or not digits.isdigit():
+            continue
+        built = (int(digits[:-1]), int(digits[-1]))
+        if kind == "sm" and digits != number:
+            ok = built == (major, minor)  # arch-specific features: that capability only
+        elif kind == "sm":
+            ok = built[0] == major and built[1] <= minor
+        else:
+            ok = kind == "compute" and built <= (major, minor)
+        if ok:
+            return True
+    return False
+
+
 def free_memory_bytes(device: torch.device) -> int:
     """Free memory of the device right now: CUDA's own count, or available system RAM for the CPU."""
+    return device_memory(device)[0]
+
+
+def device_memory(device: torch.device) -> tuple[int, int, int]:
+    """(free, total, held by this process) on the device now: CUDA's counts and the caching allocator's
+    reserved bytes on a GPU; available and total RAM and this process's resident set on the CPU."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device.index or 0)[0])
+        index = device.index or 0
+        free, total = torch.cuda.mem_get_info(index)
+        return int(free), int(total), int(torch.cuda.memory_reserved(index))
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    vm = psutil.virtual_memory()
+    return int(vm.available), int(vm.total), int(psutil.Process().memory_info().rss)
+
+
+def device_ledger(device: torch.device) -> MemoryLedger:
+    """The process's one memory ledger for this device."""
+    kind = "gpu" if device.type == "cuda" else "cpu"
+    key = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
+    return ledger(key, kind, lambda: device_memory(device))
 
 
 def _model_location(model_path: str | Path) -> tuple[Path, str | None]:
@@ -150,6 +230,8 @@ class TorchBackend:
                     "drop simulated_device to use the real GPU"
                 )
         self.simulated_device = simulated_device
+        if self.device.type == "cuda":
+            check_architecture(self.device)
         self.precision = resolve_precision(dtype, self.device)
         self.max_batch_size = max_batch_size
         self.memory_limit_bytes = memory_limit_bytes
@@ -163,6 +245,7 @@ class TorchBackend:
         self._encoder: PromptEncoder | None = None
         self._weight_bytes = 0
         self._kv_budget: int | None = None
+        self._reservation: Reservation | None = None
         self._encode_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._load_error = ""
@@ -185,81 +268,155 @@ class TorchBackend:
         return self.profile.context_length
 
     def memory_budget_bytes(self) -> int:
-        """The memory this backend may use: memory_limit_bytes when given, else the device's free memory."""
-        return self.memory_limit_bytes if self.memory_limit_bytes is not None else free_memory_bytes(self.device)
+        """The memory this backend may reserve now: memory_limit_bytes when given, else what the device's
+        ledger has left (live free memory minus headroom minus other backends' reservations)."""
+        left = device_ledger(self.device).available() + (self._reservation.total if self._reservation else 0)
+        return min(self.memory_limit_bytes, left) if self.memory_limit_bytes is not None else left
+
+    def activation_allowance_bytes(self) -> int:
+        """Working memory beside weights and KV cache (backends/memory.py activation_bytes)."""
+        p = self.profile
+        return activation_bytes(
+            hidden_size=p.hidden_size,
+            vocab_size=p.vocab_size,
+            num_layers=p.num_layers,
+            element_bytes=torch.tensor([], dtype=DTYPES[self.precision]).element_size(),
+            prefill_tokens=min(self.context_length, LOAD_KV_TOKENS),
+            max_batch=self.max_batch_size,
+            kv_bytes=self._max_kv_bytes(),
+        )
+
+    def _max_kv_bytes(self) -> int:
+        """The most KV cache this backend can use: a full batch at full context."""
+        return self.max_batch_size * self.context_length * self.profile.kv_bytes_per_token(self.precision)
+
+    def _needs(self) -> tuple[int, int, int, int]:
+        """(weights, activations, KV of one sequence, KV of a full batch) in bytes, at this precision."""
+        per_token = self.profile.kv_bytes_per_token(self.precision)
+        one_seq = min(self.context_length, LOAD_KV_TOKENS) * per_token
+        return (
+            self.profile.weight_bytes(self.precision),
+            self.activation_allowance_bytes(),
+            one_seq,
+            self._max_kv_bytes(),
+        )
 
     def check_fits(self) -> None:
-        """Raise BackendError when weights + one sequence's KV cache exceed the device's budget."""
+        """Raise BackendError when weights + activations + one sequence's KV cache exceed the budget."""
+        weights, activations, one_seq, _ = self._needs()
         budget = self.memory_budget_bytes()
+        if weights + activations + one_seq > budget:
+            raise BackendError(self._does_not_fit(weights, activations, one_seq, budget))
+
+    def _does_not_fit(self, weights: int, activations: int, one_seq: int, budget: int, detail: str = "") -> str:
         kv_tokens = min(self.context_length, LOAD_KV_TOKENS)
-        weights, per_token = self.profile.weight_bytes(self.precision), self.profile.kv_bytes_per_token(self.precision)
-        if not fits(weights, [kv_tokens], per_token, budget):
-            need = weights + kv_cache_bytes([kv_tokens], per_token)
-            where = "memory_limit_bytes" if self.memory_limit_bytes is not None else f"free memory on {self.device}"
-            raise BackendError(
-                f"{self.name} does not fit: it needs {_gib(need)} at {self.precision} (weights {_gib(weights)} + "
-                f"KV cache for {kv_tokens} tokens {_gib(need - weights)}) but {where} is {_gib(budget)}. "
-                "Use a smaller or quantized model, a lower precision (dtype='bf16'/'fp16'), another device, "
-                "or free memory"
+        where = "memory_limit_bytes" if self.memory_limit_bytes is not None else f"what {self.device} has left"
+        return (
+            f"{self.name} does not fit: it needs {_gib(weights + activations + one_seq)} at {self.precision} "
+            f"(weights {_gib(weights)} + activations {_gib(activations)} + KV cache for {kv_tokens} tokens "
+            f"{_gib(one_seq)}) but {where} is {_gib(budget)}{detail}. Use a smaller or quantized model, a lower "
+            "precision (dtype='bf16'/'fp16'), another device, a smaller max_batch_size, or free memory"
+        )
+
+    def _reserve(self) -> Reservation:
+        """Reserve weights + activations + as much KV cache as a full batch can use (at least one sequence)
+        in the device's ledger; a memory_limit_bytes caps the whole reservation."""
+        weights, activations, one_seq, max_kv = self._needs()
+        if self.memory_limit_bytes is not None:
+            if weights + activations + one_seq > self.memory_limit_bytes:
+                raise BackendError(self._does_not_fit(weights, activations, one_seq, self.memory_limit_bytes))
+            max_kv = min(max_kv, self.memory_limit_bytes - weights - activations)
+        book = device_ledger(self.device)
+        try:
+            return book.reserve(
+                self._owner, weights=weights, activations=activations, min_kv=one_seq, max_kv=max(max_kv, one_seq)
             )
+        except LedgerError as e:
+            raise BackendError(self._does_not_fit(weights, activations, one_seq, book.available(), f" ({e})")) from e
+
+    @property
+    def _owner(self) -> str:
+        return f"torch {self.name} {self.precision} #{id(self):x}"
+
+    def _release(self) -> None:
+        if self._reservation is not None:
+            device_ledger(self.device).release(self._owner)
+            self._reservation = None
 
     def load(self) -> None:
         with self._load_lock:
             if self.model is not None:
                 return
-            self.check_fits()
-            budget = self.memory_budget_bytes()
-            if self.num_threads is not None:
-                torch.set_num_threads(self.num_threads)  # process-wide: torch has one intra-op pool
-            from transformers import AutoModelForCausalLM
-
-            kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+            self._reservation = self._reserve()
             try:
-                encoder = PromptEncoder.from_folder(self.folder, self.gguf_file)
-                tokenizer = encoder.tokenizer
-                try:
-                    model = AutoModelForCausalLM.from_pretrained(
-                        self.folder, dtype=DTYPES[self.precision], attn_implementation="sdpa", **kwargs
-                    )
-                except ValueError as e:
-                    if "sdpa" not in str(e).lower():
-                        raise
-                    log.info("%s has no SDPA attention; using eager attention", self.name)
-                    model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=DTYPES[self.precision], **kwargs)
+                self._load_reserved()
+            except BaseException:
+                self._release()
+                raise
+
+    def _load_reserved(self) -> None:
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)  # process-wide: torch has one intra-op pool
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, object] = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        if self.device.type == "cuda":
+            kwargs["device_map"] = {"": self.device}  # straight onto the GPU, never staged whole in host RAM
+        try:
+            encoder = PromptEncoder.from_folder(self.folder, self.gguf_file)
+            tokenizer = encoder.tokenizer
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    self.folder, dtype=DTYPES[self.precision], attn_implementation="sdpa", **kwargs
+                )
+            except ValueError as e:
+                if "sdpa" not in str(e).lower():
+                    raise
+                log.info("%s has no SDPA attention; using eager attention", self.name)
+                model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=DTYPES[self.precision], **kwargs)
+            if self.device.type != "cuda":
                 model.to(self.device)
-            except torch.cuda.OutOfMemoryError as e:
-                self._load_error = f"out of memory loading {self.name} on {self.device}"
-                raise BackendError(f"{self._load_error}; use a smaller model or lower precision") from e
-            except (OSError, ValueError, KeyError) as e:
-                self._load_error = f"cannot load {self.name}: {type(e).__name__}: {e}"
-                raise BackendError(self._load_error) from e
-            model.eval()
-            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
-            self.profile = profile_from_config(
-                self.config,
-                self.name,
-                num_parameters=sum(p.numel() for p in model.parameters()),
-                has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
-            )
-            self.eos_ids = _eos_ids(model, tokenizer)
-            if not self.eos_ids:
-                log.warning("%s defines no EOS token; replies end only at max_new_tokens or a stop string", self.name)
-            self._weight_bytes = weight_bytes
-            self._kv_budget = max(budget - weight_bytes, 0)
-            self._runner = BatchRunner(model, self.device, max_batch_size=self.max_batch_size, on_oom=self._after_oom)
-            self.model, self.tokenizer, self._encoder = model, tokenizer, encoder
-            self._runner.start()
-            self._load_error = ""
-            log.info(
-                "loaded %s on %s (%s, %s weights, KV budget %s, batch <= %d)",
-                self.name,
-                self.device,
-                self.precision,
-                _gib(weight_bytes),
-                _gib(self._kv_budget),
-                self.max_batch_size,
-            )
+        except torch.cuda.OutOfMemoryError as e:
+            self._load_error = f"out of memory loading {self.name} on {self.device}"
+            raise BackendError(f"{self._load_error}; use a smaller model or lower precision") from e
+        except (OSError, ValueError, KeyError) as e:
+            self._load_error = f"cannot load {self.name}: {type(e).__name__}: {e}"
+            raise BackendError(self._load_error) from e
+        except RuntimeError as e:
+            if not is_fatal(e):
+                raise
+            self._load_error = f"restart required: {self.device} failed while loading {self.name} ({describe(e)})"
+            raise BackendError(self._load_error) from e
+        model.eval()
+        model.requires_grad_(False)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+        self.profile = profile_from_config(
+            self.config,
+            self.name,
+            num_parameters=sum(p.numel() for p in model.parameters()),
+            has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        )
+        self.eos_ids = _eos_ids(model, tokenizer)
+        if not self.eos_ids:
+            log.warning("%s defines no EOS token; replies end only at max_new_tokens or a stop string", self.name)
+        assert self._reservation is not None
+        self._weight_bytes = weight_bytes
+        self._kv_budget = self._reservation.kv
+        self._runner = BatchRunner(model, self.device, max_batch_size=self.max_batch_size, on_oom=self._after_oom)
+        self.model, self.tokenizer, self._encoder = model, tokenizer, encoder
+        self._runner.start()
+        self._load_error = ""
+        log.info(
+            "loaded %s on %s (%s, %s weights, KV budget %s, activations %s, batch <= %d)",
+            self.name,
+            self.device,
+            self.precision,
+            _gib(weight_bytes),
+            _gib(self._kv_budget),
+            _gib(self._reservation.activations),
+            self.max_batch_size,
+        )
 
     def _after_oom(self) -> None:
         if self.device.type == "cuda":
@@ -269,10 +426,12 @@ class TorchBackend:
         with self._load_lock:
             if self._runner is not None:
                 self._runner.stop("the torch backend was unloaded while this request was running")
+            broken = self._runner is not None and bool(self._runner.restart_required)
             self._runner, self.model, self.tokenizer, self._encoder = None, None, None, None
             gc.collect()
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and not broken:  # a broken context would only raise again
                 torch.cuda.empty_cache()
+            self._release()
 
     # ---- requests -----------------------------------------------------------------------------------
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -285,6 +444,8 @@ class TorchBackend:
         """Validate now (raising ContextOverflowError / ValueError before any work), then stream chunks."""
         runner = self._require_loaded()._runner
         assert runner is not None
+        if runner.restart_required:
+            raise BackendError(runner.restart_required)
         ids = self.prompt_ids(request)
         max_new = request.sampling.max_new_tokens
         if len(ids) + max_new > self.context_length:
@@ -296,7 +457,10 @@ class TorchBackend:
         assert self._encoder is not None
         decoder = self._encoder.decoder(ids)
         work = make_work(request.request_id, ids, request.sampling, self.eos_ids, decoder, self.device)
-        runner.submit(work)
+        try:
+            runner.submit(work)
+        except RestartRequired as e:
+            raise BackendError(str(e)) from e
         return self._stream(runner, work)
 
     def _stream(self, runner: BatchRunner, work: Work) -> Iterator[TokenChunk]:
@@ -340,14 +504,18 @@ class TorchBackend:
         )
 
     def health(self) -> BackendHealth:
+        """Healthy while the batching thread runs; a stopped one says why, and whether only a new process can
+        use the device again (an unrecoverable CUDA error). Request-level errors leave it healthy."""
         runner = self._runner
         if runner is None:
             return BackendHealth(False, 0, self._load_error or "not loaded; call load()")
+        if runner.restart_required:
+            return BackendHealth(False, runner.active_count(), runner.restart_required, restart_required=True)
         if not runner.alive:
             return BackendHealth(False, runner.active_count(), runner.last_error or "scheduler thread stopped")
         detail = f"{self.device} {self.precision}, batch <= {self.max_batch_size}"
         if runner.last_error:
-            detail += f"; last error: {runner.last_error}"
+            detail += f"; last request error: {runner.last_error}"
         return BackendHealth(True, runner.active_count(), detail)
 
     def _require_loaded(self) -> TorchBackend:
