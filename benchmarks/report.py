@@ -183,16 +183,81 @@ def _pin(key: str, v: dict[str, Any]) -> str:
     return text
 
 
+def serving_section(results: list[dict[str, Any]]) -> list[str]:
+    """guidellm's numbers over HTTP, one table per server configuration (benchmarks/bench_serving.py)."""
+    tool = results[0]["tool"]
+    lines = [
+        "## Serving over HTTP, measured by guidellm",
+        "",
+        f"guidellm {tool['version']} (vLLM's serving benchmark, in its own virtualenv) against a live "
+        "`accelserve serve` app on a loopback port: `concurrent` profile, synthetic prompts, exactly the "
+        "requested output tokens (guidellm sends `ignore_eos`), streamed chat completions, one warm-up request "
+        "first. guidellm runs on the same machine and shares its cores with the server. Produced by "
+        "`make bench-serving` (`benchmarks/bench_serving.py`).",
+        "",
+    ]
+    for r in results:
+        p, s = r["server"]["placement"], r["settings"]
+        load = r.get("machine", {}).get("load_average") or []
+        end = r.get("load_average_end") or []
+        lines += [
+            f"### {r['model']['ref']} on {p.get('device_id')}: {p.get('backend')} {p.get('precision')} "
+            f"({p.get('provider')})",
+            "",
+            f"Prompt {s['prompt_tokens']} tokens (before the chat template), {s['output_tokens']} generated; "
+            f"requests per stream count: {', '.join(f'{k} streams {v}' for k, v in s['requests'].items())}. "
+            f"1-minute load average {load[0]:.2f} at the start, {end[0]:.2f} at the end."
+            if load and end
+            else f"Prompt {s['prompt_tokens']} tokens, {s['output_tokens']} generated.",
+            "",
+        ]
+        if r.get("busy_warning"):
+            lines += [f"> **Conditions:** {r['busy_warning']}.", ""]
+        lines += [
+            "| streams | ok / failed | TTFT ms p50 | p95 | ITL ms p50 | p95 | TPOT ms p50 | latency s p50 | p95 | "
+            "output tok/s | p50 | p95 |",
+            "|---" * 12 + "|",
+        ]
+        for row in r["rows"]:
+            req = row["requests"]
+            cells = [
+                str(row["streams"]),
+                f"{req['successful']} / {req['errored'] + req['incomplete']}",
+                _num(row["ttft_ms"]["median"], 0),
+                _num(row["ttft_ms"]["p95"], 0),
+                _num(row["itl_ms"]["median"], 1),
+                _num(row["itl_ms"]["p95"], 1),
+                _num(row["tpot_ms"]["median"], 1),
+                _num(row["latency_s"]["median"], 2),
+                _num(row["latency_s"]["p95"], 2),
+                _num(row["output_tps"]["mean"], 1),
+                _num(row["output_tps"]["median"], 1),
+                _num(row["output_tps"]["p95"], 1),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "TTFT: request sent to first streamed token (queueing, chat template, tokenization and prefill included). "
+        "ITL: a request's (latency − TTFT) / (tokens − 1), its mean gap between streamed tokens, weighted per token "
+        "by guidellm; TPOT: latency / output tokens (TTFT included). Output tok/s: guidellm's server throughput, "
+        "the mean of its output-token rate over the run, then the median and p95 of that rate.",
+        "",
+    ]
+    return lines
+
+
 def render(results_dir: Path = RESULTS_DIR) -> str:
     backends = _load(results_dir / "backends.json")
     scheduler = _load(results_dir / "scheduler.json")
     lines = [
         "# Benchmark results",
         "",
-        "Produced by `make bench` (`accelserve bench backends` and `accelserve bench scheduler`); this file is "
+        "Produced by `make bench` (`accelserve bench backends` and `accelserve bench scheduler`) and `make "
+        "bench-serving` (guidellm over HTTP); this file is "
         "rewritten from `benchmarks/results/*.json` by `python -m benchmarks.report`.",
         "",
     ]
+    serving = [d for f in sorted(results_dir.glob("serving_*.json")) if (d := _load(f))]
     machine = (backends or scheduler or {}).get("machine")
     if machine:
         lines += ["## Machine and conditions", "", *machine_section(machine), ""]
@@ -200,6 +265,8 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         lines += backends_section(backends)
     if scheduler:
         lines += scheduler_section(scheduler)
+    if serving:
+        lines += serving_section(serving)
     return "\n".join(lines).rstrip() + "\n"
 
 
