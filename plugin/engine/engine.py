@@ -463,7 +463,10 @@ class Engine:
                     finished = True
                     if isinstance(item, ValueError):  # a bad request: no other device would do better
                         raise item
-                    if metrics.new_tokens == 0:
+                    # before any output, a raised error or a backend that is no longer healthy is the device's
+                    # failure (try the next one); an error chunk from a backend that is still healthy is this
+                    # request's own (out of memory for it, non-finite logits): the device stays healthy
+                    if metrics.new_tokens == 0 and (isinstance(item, BaseException) or self._sick(slot)):
                         yield _FailedBeforeOutput(error)
                         return
                     metrics.total_s = time.perf_counter() - t_start
@@ -510,6 +513,13 @@ class Engine:
             if not finished:
                 slot.backend.cancel(request.request_id)
 
+    def _sick(self, slot: _Slot) -> bool:
+        """Whether the slot's backend says it is unhealthy; a device that needs a process restart is retired."""
+        health = slot.backend.health()
+        if getattr(health, "restart_required", False):
+            self.health.retire(slot.device.id, health.detail)
+        return not health.healthy
+
     def _release(self, slot: _Slot, kv_tokens: int) -> None:
         slot.active -= 1
         slot.running_kv.remove(kv_tokens)
@@ -549,6 +559,8 @@ class Engine:
             health = slot.backend.health()
             if health.healthy:
                 return slot
+            if getattr(health, "restart_required", False):  # reloading on a broken context fails again: retire
+                self.health.retire(slot.device.id, health.detail)
             # a backend that died under us (e.g. its batching thread crashed): drop it, and let the caller
             # mark the device failed and place the request elsewhere
             await self._unload(slot)
