@@ -91,13 +91,16 @@ def publish(tmp: Path, target: Path) -> None:
 
 
 def copy_atomically(src: Path, dest: Path) -> None:
-    """Copy a finished entry to a user's folder: into a partial sibling, then renamed over `dest`."""
+    """Copy a finished entry to a user's folder: into a partial sibling, then renamed over `dest`. A copy that
+    fails (a full disk) removes its partial sibling and leaves `dest` as it was."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{_partial_prefix(dest)}{uuid.uuid4().hex[:8]}")
-    shutil.copytree(src, tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    try:
+        shutil.copytree(src, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, dest)
 
 
 def _partial_prefix(target: Path) -> str:

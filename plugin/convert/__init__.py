@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from plugin.convert import cache
-from plugin.convert.errors import ExportError
+from plugin.convert.errors import ExportError, disk_full_is_clear
 from plugin.convert.onnx_files import DATA_FILE, MODEL_FILE
 from plugin.convert.steps import StepTimer
 from plugin.convert.targets import (
@@ -288,7 +288,7 @@ def export(
         if not parity or manifest.get("parity") is not None:
             return ExportedModel(out_path, target, precision, key, manifest, cache_hit=True)
 
-    with cache.key_lock(root, key):
+    with cache.key_lock(root, key), disk_full_is_clear(root):
         cache.clean_stale_tmp(root, key)
         problems = cache.verify_folder(final, key) if final.exists() else ["not built yet"]
         if final.exists() and problems and not force:
@@ -331,7 +331,8 @@ def export(
 
     path = final
     if out_path is not None and out_path != final:
-        cache.copy_to_output(final, out_path)
+        with disk_full_is_clear(out_path.parent):
+            cache.copy_to_output(final, out_path)
         path = out_path
     log.info("export %s %s in %.1fs -> %s", "hit" if cache_hit else "built", key, time.perf_counter() - started, path)
     return ExportedModel(path, target, precision, key, manifest, cache_hit)
