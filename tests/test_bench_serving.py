@@ -7,6 +7,7 @@ starts a server on a tiny local model and lets guidellm send a few streamed requ
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_scenario_is_what_guidellm_run_reads(tmp_path):
 
 def test_int_list_refuses_zero_streams():
     assert bench_serving._int_list("16,1,4,4") == [1, 4, 16]
-    with pytest.raises(Exception, match="counts >= 1"):
+    with pytest.raises(argparse.ArgumentTypeError, match="counts >= 1"):
         bench_serving._int_list("0,2")
 
 
