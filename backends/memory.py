@@ -56,22 +56,19 @@ SAMPLING_COPIES = 8
 
 
 def activation_bytes(
-    *,
-    hidden_size: int,
-    vocab_size: int,
-    num_layers: int,
-    element_bytes: int,
-    prefill_tokens: int,
-    max_batch: int,
-    kv_bytes: int,
+    *, hidden_size: int, vocab_size: int, element_bytes: int, prefill_tokens: int, max_batch: int
 ) -> int:
-    """Working memory beside weights and KV cache: one prompt's prefill activations, the sampling tensors of a
-    full batch, and one layer's transient copy of the KV cache (DynamicCache concatenates a layer per step,
-    and a join grows one layer at a time)."""
+    """Working memory beside weights and KV cache: one prompt's prefill activations and the sampling tensors
+    of a full batch. The KV cache's own transient (one layer's copy: DynamicCache concatenates a layer per
+    step, and a join grows one layer at a time) scales with the cache: `kv_transient_fraction`."""
     prefill = prefill_tokens * ACTIVATION_ELEMENTS_PER_HIDDEN * hidden_size * element_bytes
     sampling = SAMPLING_COPIES * max_batch * vocab_size * 4
-    transient_kv = kv_bytes // max(num_layers, 1)
-    return prefill + sampling + transient_kv
+    return prefill + sampling
+
+
+def kv_transient_fraction(num_layers: int) -> float:
+    """Extra memory per byte of KV cache while a step copies one layer of it."""
+    return 1.0 / max(num_layers, 1)
 
 
 Probe = Callable[[], tuple[int, int, int]]
@@ -130,26 +127,30 @@ class MemoryLedger:
         """Bytes a new reservation could get right now."""
         return max(self.capacity() - self.reserved(), 0)
 
-    def reserve(self, owner: str, *, weights: int, activations: int, min_kv: int, max_kv: int) -> Reservation:
+    def reserve(
+        self, owner: str, *, weights: int, activations: int, min_kv: int, max_kv: int, kv_transient: float = 0.0
+    ) -> Reservation:
         """Reserve weights + activations + a KV cache of at least `min_kv` and at most `max_kv` bytes (as much
-        as is left); raise LedgerError when even `min_kv` does not fit. One reservation per owner."""
+        as is left), plus `kv_transient` x the KV cache granted as further activations; raise LedgerError when
+        even `min_kv` does not fit. One reservation per owner."""
         with self._lock:
             if owner in self._reservations:
                 raise ValueError(f"{owner!r} already holds a reservation on {self.device}; release it first")
             free, total, held = self._probe()
             capacity = max(free + held - self.headroom(total), 0)
             left = capacity - sum(r.total for r in self._reservations.values())
-            need = weights + activations + min_kv
+            min_act = activations + int(min_kv * kv_transient)
+            need = weights + min_act + min_kv
             if need > left:
                 others = ", ".join(f"{r.owner} {_gib(r.total)}" for r in self._reservations.values()) or "none"
                 raise LedgerError(
                     f"{owner} needs {_gib(need)} on {self.device} (weights {_gib(weights)} + activations "
-                    f"{_gib(activations)} + KV cache {_gib(min_kv)}) but only {_gib(max(left, 0))} is left: free "
+                    f"{_gib(min_act)} + KV cache {_gib(min_kv)}) but only {_gib(max(left, 0))} is left: free "
                     f"{_gib(free)} + held by this process {_gib(held)} - headroom {_gib(self.headroom(total))} "
                     f"- reserved by other backends here ({others})"
                 )
-            kv = max(min_kv, min(max_kv, left - weights - activations))
-            reservation = Reservation(owner, weights, kv, activations)
+            kv = max(min_kv, min(max_kv, int((left - weights - activations) / (1.0 + kv_transient))))
+            reservation = Reservation(owner, weights, kv, activations + int(kv * kv_transient))
             self._reservations[owner] = reservation
             return reservation
 

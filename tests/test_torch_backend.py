@@ -317,7 +317,7 @@ def test_kv_budget_makes_requests_wait_instead_of_overcommitting(tiny_model_fact
     probe = TorchBackend(path, device="cpu")
     weights_est = probe.profile.weight_bytes("fp32")
     per_token = probe.profile.kv_bytes_per_token("fp32")
-    limit = weights_est + probe.activation_allowance_bytes() + 260 * per_token
+    limit = weights_est + probe.activation_allowance_bytes(kv_bytes=260 * per_token) + 260 * per_token
     backend = TorchBackend(path, device="cpu", memory_limit_bytes=limit)
     engine = Engine(
         resolve_model(path),

@@ -33,7 +33,14 @@ from backends.base import (
     GenerationRequest,
     TokenChunk,
 )
-from backends.memory import LedgerError, MemoryLedger, Reservation, activation_bytes, ledger
+from backends.memory import (
+    LedgerError,
+    MemoryLedger,
+    Reservation,
+    activation_bytes,
+    kv_transient_fraction,
+    ledger,
+)
 from backends.profile import ModelProfile, profile_from_config
 from backends.prompt import PromptEncoder
 from backends.torch.batching import BatchRunner, Work, make_work
@@ -273,37 +280,35 @@ class TorchBackend:
         left = device_ledger(self.device).available() + (self._reservation.total if self._reservation else 0)
         return min(self.memory_limit_bytes, left) if self.memory_limit_bytes is not None else left
 
-    def activation_allowance_bytes(self) -> int:
-        """Working memory beside weights and KV cache (backends/memory.py activation_bytes)."""
+    def activation_allowance_bytes(self, kv_bytes: int | None = None) -> int:
+        """Working memory beside weights and KV cache (backends/memory.py): prefill and sampling of a full
+        batch, plus one layer's transient copy of a KV cache of `kv_bytes` (default: a full batch's)."""
         p = self.profile
-        return activation_bytes(
+        base = activation_bytes(
             hidden_size=p.hidden_size,
             vocab_size=p.vocab_size,
-            num_layers=p.num_layers,
             element_bytes=torch.tensor([], dtype=DTYPES[self.precision]).element_size(),
             prefill_tokens=min(self.context_length, LOAD_KV_TOKENS),
             max_batch=self.max_batch_size,
-            kv_bytes=self._max_kv_bytes(),
         )
+        kv = self._max_kv_bytes() if kv_bytes is None else kv_bytes
+        return base + int(kv * kv_transient_fraction(p.num_layers))
 
     def _max_kv_bytes(self) -> int:
         """The most KV cache this backend can use: a full batch at full context."""
         return self.max_batch_size * self.context_length * self.profile.kv_bytes_per_token(self.precision)
 
     def _needs(self) -> tuple[int, int, int, int]:
-        """(weights, activations, KV of one sequence, KV of a full batch) in bytes, at this precision."""
+        """(weights, activations beside the KV cache, KV of one sequence, KV of a full batch) in bytes."""
         per_token = self.profile.kv_bytes_per_token(self.precision)
         one_seq = min(self.context_length, LOAD_KV_TOKENS) * per_token
-        return (
-            self.profile.weight_bytes(self.precision),
-            self.activation_allowance_bytes(),
-            one_seq,
-            self._max_kv_bytes(),
-        )
+        weights = self.profile.weight_bytes(self.precision)
+        return weights, self.activation_allowance_bytes(kv_bytes=0), one_seq, self._max_kv_bytes()
 
     def check_fits(self) -> None:
         """Raise BackendError when weights + activations + one sequence's KV cache exceed the budget."""
         weights, activations, one_seq, _ = self._needs()
+        activations += int(one_seq * kv_transient_fraction(self.profile.num_layers))
         budget = self.memory_budget_bytes()
         if weights + activations + one_seq > budget:
             raise BackendError(self._does_not_fit(weights, activations, one_seq, budget))
@@ -322,17 +327,29 @@ class TorchBackend:
         """Reserve weights + activations + as much KV cache as a full batch can use (at least one sequence)
         in the device's ledger; a memory_limit_bytes caps the whole reservation."""
         weights, activations, one_seq, max_kv = self._needs()
+        transient = kv_transient_fraction(self.profile.num_layers)
         if self.memory_limit_bytes is not None:
-            if weights + activations + one_seq > self.memory_limit_bytes:
-                raise BackendError(self._does_not_fit(weights, activations, one_seq, self.memory_limit_bytes))
-            max_kv = min(max_kv, self.memory_limit_bytes - weights - activations)
+            need = weights + activations + int(one_seq * (1 + transient))
+            if need > self.memory_limit_bytes:
+                raise BackendError(
+                    self._does_not_fit(
+                        weights, activations + int(one_seq * transient), one_seq, self.memory_limit_bytes
+                    )
+                )
+            max_kv = min(max_kv, int((self.memory_limit_bytes - weights - activations) / (1 + transient)))
         book = device_ledger(self.device)
         try:
             return book.reserve(
-                self._owner, weights=weights, activations=activations, min_kv=one_seq, max_kv=max(max_kv, one_seq)
+                self._owner,
+                weights=weights,
+                activations=activations,
+                min_kv=one_seq,
+                max_kv=max(max_kv, one_seq),
+                kv_transient=transient,
             )
         except LedgerError as e:
-            raise BackendError(self._does_not_fit(weights, activations, one_seq, book.available(), f" ({e})")) from e
+            needed = activations + int(one_seq * transient)
+            raise BackendError(self._does_not_fit(weights, needed, one_seq, book.available(), f" ({e})")) from e
 
     @property
     def _owner(self) -> str:
