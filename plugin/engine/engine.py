@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -38,6 +39,7 @@ from backends.base import (
     TokenChunk,
     TokenLogprob,
 )
+from backends.isolated import IsolatedBackend
 from backends.memory import device_budget, fits
 from backends.prompt import PromptEncoder
 from plugin.engine.costmodel import CostModel
@@ -148,11 +150,14 @@ class Engine:
         cost_model: CostModel | None = None,
         health: HealthTracker | None = None,
         max_queue: int = 32,
+        isolate_backends: bool = False,
     ) -> None:
         self.model = model
         self.policy = policy
         self.devices: list[DeviceInfo] = list(devices) if devices is not None else discover_devices()
         self.max_queue = max_queue
+        # each backend in its own process: a crash in a native runtime fails only its requests (backends/isolated.py)
+        self.isolate_backends = isolate_backends
         self.health = health or HealthTracker()
         self.costs = cost_model if cost_model is not None else CostModel.load_default()
         if backend_factory is None:
@@ -587,7 +592,11 @@ class Engine:
             return slot
 
     def _load_backend(self, placement: Placement, device: DeviceInfo) -> Backend:
-        backend = self._factory(self.model, placement, device)
+        if self.isolate_backends:
+            build = functools.partial(self._factory, self.model, placement, device)
+            backend: Backend = IsolatedBackend(build, name=f"{placement.backend} on {device.id}")
+        else:
+            backend = self._factory(self.model, placement, device)
         backend.load()
         return backend
 
