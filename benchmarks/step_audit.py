@@ -1,10 +1,10 @@
 """Count what one decode step of the torch batching loop costs outside the model: host syncs, uploads, ops.
 
-On a GPU every device-to-host read (`.item()`, `.tolist()`, `int(t)`, `.cpu()`, `.numpy()`, a tensor in an
-`if`) waits for all queued kernels, and every `torch.tensor(list)` is a host-blocking copy up. The CPU has no
-such stalls, so this audit counts the calls themselves: the same code makes the same calls on CUDA.
-`ops` are the aten operators dispatched outside the model's forward (sampling, masks, bookkeeping): each
-is at least one kernel launch on a GPU.
+On a GPU every device-to-host read (`.item()`, `.tolist()`, `int(t)`, `.cpu()`, a tensor in an `if`) waits
+for all queued kernels, and every `torch.tensor(list)` is a host-blocking copy up. The CPU has no such
+stalls, so this audit counts the calls themselves: the same code makes the same calls on CUDA.
+`ops` are the aten operators dispatched outside the model's forward (sampling, masks, bookkeeping), views
+left out: each is at least one kernel launch on a GPU.
 
 The runner is driven on the calling thread (its `_admit` and `_step`, never `start`), so the counters see
 exactly one step at a time. Works with any version of backends.torch.batching that has BatchRunner,
@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+SYNC_METHODS = ("item", "tolist", "cpu", "__int__", "__float__", "__bool__", "__index__")
+"""Reads that wait for the device (`.numpy()` is not one: it only works on a tensor already on the host)."""
 
 
 class _OpCounter(TorchDispatchMode):
@@ -33,7 +34,7 @@ class _OpCounter(TorchDispatchMode):
         self.paused = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
+        if not self.paused and not func.is_view:  # views launch no kernel
             self.ops[str(func.overloadpacket.__name__)] += 1
         return func(*args, **(kwargs or {}))
 
