@@ -5,7 +5,8 @@ Each repeat runs one worker process per implementation (alternating which goes f
   1. plain `model.generate` (batch 1, greedy, SDPA), tokens timed with a streamer;
   2. TorchBackend with N concurrent streams for each N in `--streams` (different prompts, submitted together);
   3. an audit of one steady decode step at the largest N (benchmarks/step_audit.py): host syncs, uploads and
-     aten ops outside the model's forward.
+     aten ops outside the model's forward;
+  4. the streams at N = 8 again beside a request with temperature=1e-39: how many produce the same tokens.
 Every run generates exactly `--new-tokens` tokens (EOS is ignored) so the rates compare like with like.
 Decode rate = (tokens - 1) / (last token time - first token time) per stream; aggregate rate = all new
 tokens / wall time from submission to the last token (includes prefill). Medians over the repeats.
@@ -171,6 +172,44 @@ def audit(backend: TorchBackend, prompts: list[list[dict]], sampling: bool) -> d
     return audit_steps(runner, 8)
 
 
+def poison_check(backend: TorchBackend, prompts: list[list[dict]], reference: list[list[int]], args: Any) -> dict:
+    """The streams of `reference` again, beside one more request with temperature=1e-39 (valid, and once
+    enough to kill the batching thread): how many of the others produce exactly the same tokens."""
+    n = len(prompts)
+    requests = [
+        GenerationRequest(messages=m, sampling=sampling_params(args.new_tokens, args.sampling, seed=i))
+        for i, m in enumerate(prompts)
+    ]
+    poison = SamplingParams(max_new_tokens=args.new_tokens, temperature=1e-39, top_p=0.9, seed=99)
+    requests.append(
+        GenerationRequest(messages=[{"role": "user", "content": QUESTIONS[n % len(QUESTIONS)]}], sampling=poison)
+    )
+    results: list[list[Any]] = [[] for _ in requests]
+    try:
+        streams = [backend.generate(r) for r in requests]
+    except Exception as e:  # a runner that died refuses new work
+        return {"others": n, "others_unchanged": 0, "error": f"{type(e).__name__}: {e}"}
+
+    def read(i: int) -> None:
+        results[i] = list(streams[i])
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [[t for c in chunks for t in c.token_ids] for chunks in results]
+    last = [chunks[-1] if chunks else None for chunks in results]
+    return {
+        "others": n,
+        "others_unchanged": sum(ids[i] == reference[i] for i in range(n)),
+        "others_failed": sum(1 for c in last[:n] if c is None or c.finish_reason == "error"),
+        "poisoned_finish": last[n].finish_reason if last[n] else None,
+        "poisoned_error": last[n].error if last[n] else None,
+        "healthy_after": backend.health().healthy,
+    }
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One repeat of every measurement for the implementation importable now (this checkout or --src)."""
     import backends.torch.backend as impl
@@ -203,6 +242,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     for n in counts:
         out["streams"][str(n)] = run_backend(backend, prompts[:n], args.new_tokens, args.sampling)
     out["audit"] = audit(backend, prompts[: max(counts)], args.sampling)
+    n = max(c for c in counts if c <= 8)  # last: in an older version the poisoned request may kill the runner
+    out["poison"] = poison_check(backend, prompts[:n], out["streams"][str(n)]["ids"], args)
     backend.unload()
     return out
 
@@ -294,6 +335,14 @@ def main() -> None:
         console.print(f"{name}: plain model.generate batch 1 decode {m['plain_generate_b1_decode_tps']:.1f} tok/s")
     if same_ids is not None:
         console.print(f"greedy token ids identical across implementations: {same_ids}")
+    for name, rs in runs.items():
+        for r in rs:
+            p = r["poison"]
+            console.print(
+                f"{name}: beside a temperature=1e-39 request, {p['others_unchanged']}/{p['others']} streams unchanged, "
+                f"{p.get('others_failed', '-')} failed; poisoned request: {p.get('poisoned_finish')} "
+                f"({p.get('poisoned_error') or p.get('error') or 'no error'}); healthy after: {p.get('healthy_after')}"
+            )
     console.print(f"load average (1, 5, 15 min): {os.getloadavg()}; other processes share these cores")
     for rs in runs.values():
         for r in rs:

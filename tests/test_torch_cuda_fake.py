@@ -246,3 +246,15 @@ def test_the_activation_allowance_is_part_of_what_must_fit(tiny_model_factory):
     with pytest.raises(BackendError, match=r"does not fit.*activations"):
         too_small.load()
     assert not too_small.health().healthy
+
+
+def test_a_backend_dropped_without_unload_releases_its_reservation(fake_cuda, tiny_model_factory):
+    import gc
+
+    book = torch_backend.device_ledger(torch.device("cuda", 1))
+    backend = TorchBackend(tiny_model_factory("llama"), device="cuda:1")
+    backend._reservation = backend._reserve()
+    assert [r.owner for r in book.reservations()] == [backend._owner]
+    del backend
+    gc.collect()
+    assert book.reservations() == []

@@ -20,6 +20,7 @@ import gc
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -253,6 +254,7 @@ class TorchBackend:
         self._weight_bytes = 0
         self._kv_budget: int | None = None
         self._reservation: Reservation | None = None
+        self._release_on_gc: weakref.finalize | None = None
         self._encode_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._load_error = ""
@@ -339,7 +341,7 @@ class TorchBackend:
             max_kv = min(max_kv, int((self.memory_limit_bytes - weights - activations) / (1 + transient)))
         book = device_ledger(self.device)
         try:
-            return book.reserve(
+            reservation = book.reserve(
                 self._owner,
                 weights=weights,
                 activations=activations,
@@ -350,15 +352,18 @@ class TorchBackend:
         except LedgerError as e:
             needed = activations + int(one_seq * transient)
             raise BackendError(self._does_not_fit(weights, needed, one_seq, book.available(), f" ({e})")) from e
+        self._release_on_gc = weakref.finalize(self, book.release, self._owner)  # a backend dropped unloaded
+        return reservation
 
     @property
     def _owner(self) -> str:
         return f"torch {self.name} {self.precision} #{id(self):x}"
 
     def _release(self) -> None:
-        if self._reservation is not None:
-            device_ledger(self.device).release(self._owner)
-            self._reservation = None
+        if self._release_on_gc is not None:
+            self._release_on_gc()  # releases once, then detaches
+            self._release_on_gc = None
+        self._reservation = None
 
     def load(self) -> None:
         with self._load_lock:
