@@ -221,6 +221,27 @@ def warm_up(url: str, model: str, api_key: str | None = None) -> dict[str, Any]:
     return placement
 
 
+def server_capacity(url: str, device_id: str | None) -> int | None:
+    """How many generations the server runs at once on the backend that served the warm-up (from /health).
+
+    Requests beyond it wait in the server's line, and their TTFT includes the wait: the number explains the
+    TTFT at high stream counts.
+    """
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
+            report = json.loads(r.read())
+    except (OSError, urllib.error.URLError, ValueError) as e:
+        log.warning("could not read %s/health: %s", url, e)
+        return None
+    for model in (report.get("models") or {}).values():
+        for device in model.get("devices") or []:
+            if device.get("device_id") == device_id:
+                for loaded in device.get("loaded") or []:
+                    if loaded.get("capacity"):
+                        return int(loaded["capacity"])
+    return None
+
+
 # ---- guidellm ---------------------------------------------------------------------------------------------
 
 
@@ -334,6 +355,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         with server as url:
             placement = warm_up(url, args.model, args.api_key)
+            capacity = server_capacity(url, placement.get("device_id"))
             scen = scenario(
                 url,
                 args.model,
@@ -368,6 +390,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "device": args.device,
             "backend": args.backend,
             "placement": placement,
+            "concurrent_generations": capacity,
         },
         "settings": {
             "streams": args.streams,

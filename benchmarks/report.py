@@ -200,17 +200,20 @@ def serving_section(results: list[dict[str, Any]]) -> list[str]:
         p, s = r["server"]["placement"], r["settings"]
         load = r.get("machine", {}).get("load_average") or []
         end = r.get("load_average_end") or []
-        lines += [
-            f"### {r['model']['ref']} on {p.get('device_id')}: {p.get('backend')} {p.get('precision')} "
-            f"({p.get('provider')})",
-            "",
-            f"Prompt {s['prompt_tokens']} tokens (before the chat template), {s['output_tokens']} generated; "
-            f"requests per stream count: {', '.join(f'{k} streams {v}' for k, v in s['requests'].items())}. "
-            f"1-minute load average {load[0]:.2f} at the start, {end[0]:.2f} at the end."
-            if load and end
-            else f"Prompt {s['prompt_tokens']} tokens, {s['output_tokens']} generated.",
-            "",
-        ]
+        text = (
+            f"Prompt {s['prompt_tokens']} tokens (before the chat template), {s['output_tokens']} generated; requests "
+            f"at {'/'.join(s['requests'])} streams: {'/'.join(map(str, s['requests'].values()))}"
+        )
+        if load and end:
+            text += f"; 1-minute load average {load[0]:.2f} at the start, {end[0]:.2f} at the end"
+        text += "."
+        if cap := r["server"].get("concurrent_generations"):
+            text += (
+                f" The server runs {cap} generations at once on this backend; more wait in its line, and their "
+                "TTFT includes the wait."
+            )
+        title = f"{r['model']['ref']} on {p.get('device_id')}: {p.get('backend')} {p.get('precision')}"
+        lines += [f"### {title} ({p.get('provider')})", "", text, ""]
         if r.get("busy_warning"):
             lines += [f"> **Conditions:** {r['busy_warning']}.", ""]
         lines += [

@@ -55,6 +55,7 @@ def test_guidellm_runs_against_a_real_server(tiny_llama: Path, accelserve_home: 
     with bench_serving.running_server(model, "cpu", "torch", tmp_path / "server.log", timeout_s=300) as url:
         placement = bench_serving.warm_up(url, model)
         assert placement["backend"] == "torch" and placement["device"] == "cpu"
+        assert bench_serving.server_capacity(url, placement["device_id"]) >= 1  # the torch backend's batch
         scen = bench_serving.scenario(
             url, model, model, streams, counts, 16, output_tokens, 120.0, tmp_path / "guidellm.json"
         )
