@@ -126,4 +126,6 @@ def admitted_runner(batching: Any, model: Any, device: torch.device, works: list
         runner.submit(w)
     with torch.inference_mode():
         runner._admit()
+        while getattr(runner, "_waiting", None):  # versions that prefill in groups, one group per step
+            runner._admit()
     return runner

@@ -96,7 +96,8 @@ def test_non_finite_logits_fail_one_request(backend, value):
     assert alone(backend, PROMPTS[1:2]) == [ref[1]]  # the same request is served in full again
 
 
-def test_nan_at_prefill_fails_only_the_new_request(backend):
+def test_nan_at_prefill_fails_only_that_request(backend):
+    """Three requests prefilled together in one forward; one row's logits are NaN."""
     ref = alone(backend, PROMPTS[:2])
     slow_down(backend, 0.002)
     poisoned = backend.tokenizer.encode(PROMPTS[4])
@@ -104,8 +105,11 @@ def test_nan_at_prefill_fails_only_the_new_request(backend):
 
     def forward(*args, **kwargs):
         out = inner(*args, **kwargs)
-        if kwargs["input_ids"][0].tolist() == poisoned:
-            out.logits[:] = float("nan")
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1:  # a prefill (left-padded when several prompts share it)
+            for i, row in enumerate(ids.tolist()):
+                if row[-len(poisoned) :] == poisoned:
+                    out.logits[i] = float("nan")
         return out
 
     backend.model.forward = forward
@@ -113,6 +117,7 @@ def test_nan_at_prefill_fails_only_the_new_request(backend):
     assert results[1][-1].finish_reason == "error" and "non-finite logits" in results[1][-1].error
     assert ids_of(results[1]) == []
     assert [ids_of(results[0]), ids_of(results[2])] == ref
+    assert backend._runner.peak_batch == 2
     assert_healthy_and_idle(backend)
 
 
@@ -137,26 +142,27 @@ def test_a_row_whose_token_choice_raises_fails_alone(backend, monkeypatch):
 
 def test_oom_while_joining_fails_the_joining_request_and_keeps_the_batch(backend, monkeypatch):
     ref = alone(backend, PROMPTS[:3])
-    inner = kvbatch._stack_row
+    inner = kvbatch._stack_rows
     state = {"calls": 0, "raised": 0}
 
-    def stack_row(old, new, grow, new_pad):
+    def stack_rows(old, new, grow, new_pad):
         state["calls"] += 1
         if state["calls"] == 3 and not state["raised"]:  # layer 0 grew (keys, values), layer 1's keys fail
             state["raised"] += 1
             raise torch.cuda.OutOfMemoryError(FAKE_OOM)
         return inner(old, new, grow, new_pad)
 
-    monkeypatch.setattr(kvbatch, "_stack_row", stack_row)
+    monkeypatch.setattr(kvbatch, "_stack_rows", stack_rows)
     slow_down(backend, 0.002)
-    results = run_concurrently(backend, requests(PROMPTS[:3]))
+    running = [backend.generate(r) for r in requests(PROMPTS[:2])]
+    firsts = [next(s) for s in running]  # both are decoding in one batch before the third arrives
+    late = collect(backend.generate(GenerationRequest(prompt=PROMPTS[2], sampling=PARAMS, request_id="late")))
+    rest = [firsts[i : i + 1] + collect(s) for i, s in enumerate(running)]
     assert state["raised"] == 1
-    errors = [c[-1] for c in results if c[-1].finish_reason == "error"]
-    assert len(errors) == 1 and "out of memory" in errors[0].error and "joining the running batch" in errors[0].error
-    assert len(ids_of(next(c for c in results if c[-1].finish_reason == "error"))) == 1  # only its prefill token
-    for chunks, expected in zip(results, ref, strict=True):
-        if chunks[-1].finish_reason != "error":
-            assert ids_of(chunks) == expected  # the rolled-back cache is exactly the old one
+    assert late[-1].finish_reason == "error"
+    assert "out of memory" in late[-1].error and "joining the running batch of 2" in late[-1].error
+    assert ids_of(late) == ref[2][:1]  # only its prefill token
+    assert [ids_of(c) for c in rest] == ref[:2]  # the rolled-back cache is exactly the old one
     assert_healthy_and_idle(backend)
 
 

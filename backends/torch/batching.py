@@ -4,9 +4,11 @@ Design (the simplest one that is exactly right):
 - One scheduler thread owns the model (and, on CUDA, sets its device first, so work for cuda:1 never lands
   on GPU 0). `submit` puts a request on a queue; the thread answers through the request's own chunk queue.
   Nothing else touches the model, so no locks around forward passes.
-- A new request is prefilled alone (batch 1, no padding, its own DynamicCache), its first token is chosen
-  from the prefill logits and streamed at once, then its KV cache is merged into the running batch before
-  the next decode step.
+- Requests waiting to start are prefilled together (left-padded, one forward, their own DynamicCache, up to
+  PREFILL_TOKENS padded tokens; a request alone runs unpadded), their first tokens are chosen from the
+  prefill logits and streamed at once, then their KV cache is merged into the running batch. While
+  streams are decoding, one such group is prefilled per step, so a burst of arrivals never stalls them
+  for long.
 - The running batch (kvbatch.py) is one left-padded DynamicCache with a 2-D attention mask; every row
   carries its own position id, so rotary/absolute positions never see the padding. With no padding at
   all the mask is dropped, so a single stream runs exactly like plain `model.generate`.
@@ -20,7 +22,8 @@ Design (the simplest one that is exactly right):
 
 Failure isolation (errors.py classifies): every step fails only the rows it concerns, and the shared
 cache changes all or nothing (kvbatch.py).
-- prefill, or joining the batch: only that request fails (out of memory, a model error, non-finite logits);
+- prefill, or joining the batch: only those requests fail (out of memory, a model error, non-finite logits);
+  a group whose forward fails is prefilled again one by one, so that only the request that fails fails;
 - a decode step's forward: the cache is rolled back; out of memory fails the newest row, any other error
   the rows of that step; the loop carries on;
 - choosing tokens: a row whose logits are NaN/inf fails alone; if the batched choice raises, rows are
@@ -36,6 +39,7 @@ CUDA and it fails on the CPU, so this loop is used on both devices; it is the on
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import queue
 import threading
@@ -66,6 +70,9 @@ def _stop_live_runners() -> None:
     for runner in list(_LIVE_RUNNERS):
         runner.stop("the process is exiting")
 
+
+PREFILL_TOKENS = 2048
+"""Padded prompt tokens prefilled together in one forward; what does not fit waits for the next decode step."""
 
 NON_FINITE = (
     "the model produced non-finite logits (NaN or inf) for this request, so no token could be chosen; "
@@ -128,6 +135,7 @@ class BatchRunner:
         self.steps = 0
         # running batch
         self.rows: list[Work] = []
+        self._waiting: collections.deque[Work] = collections.deque()  # submitted, not yet prefilled
         self.batch: kv.KVBatch | None = None
         self.sampler: BatchSampler | None = None
         self._fast_logits_kwargs = _supports_logits_to_keep(model)
@@ -209,22 +217,45 @@ class BatchRunner:
         for w in leftover:
             self._end(w, "error", reason)
         self.rows, self.batch, self.sampler = [], None, None
+        self._waiting.clear()
 
     def _admit(self) -> None:
-        """Prefill and join everything submitted since the last step (block while there is nothing to run)."""
-        block = not self.rows
+        """Take what was submitted since the last step (block while there is nothing to run), then prefill:
+        one group of waiting requests while streams are decoding (so that they never stall for long),
+        every group when none is."""
+        block = not self.rows and not self._waiting
         while not self._stopping:
             try:
                 w = self._incoming.get(block=block)
             except queue.Empty:
-                return
+                break
             block = False
             if w is None:
                 return
+            self._waiting.append(w)
+        while self._waiting and not self._stopping:
+            group = self._next_group()
+            if group:
+                self._prefill_and_join(group)
+            if self.rows:
+                return
+
+    def _next_group(self) -> list[Work]:
+        """Waiting requests, oldest first, whose padded prompts fit PREFILL_TOKENS together (at least one)."""
+        group: list[Work] = []
+        longest = 0
+        while self._waiting:
+            w = self._waiting[0]
             if self._take_cancel(w.request_id):
+                self._waiting.popleft()
                 self._end(w, "cancelled")
                 continue
-            self._prefill_and_join(w)
+            wider = max(longest, len(w.prompt_ids))
+            if group and wider * (len(group) + 1) > PREFILL_TOKENS:
+                break
+            group.append(self._waiting.popleft())
+            longest = wider
+        return group
 
     def _take_cancel(self, request_id: str) -> bool:
         with self._lock:
@@ -241,35 +272,67 @@ class BatchRunner:
             self._end(self.rows[i], "cancelled")
         self._remove_rows(gone)
 
-    def _prefill_and_join(self, w: Work) -> None:
-        """Prefill one request, stream its first token, and merge its cache into the batch; a failure at any
-        point fails this request alone and leaves the running batch as it was."""
-        row = SamplerRow(w.params, w.generator, w.prompt_ids)
+    def _prefill_and_join(self, ws: list[Work]) -> None:
+        """Prefill requests together (left-padded, one forward), stream their first tokens, and merge their
+        caches into the batch. A failure fails these requests only and leaves the running batch as it was;
+        when the group's forward fails, each is prefilled alone so that only the one that fails fails."""
+        rows = [SamplerRow(w.params, w.generator, w.prompt_ids) for w in ws]
         try:
-            ids = torch.tensor([w.prompt_ids], dtype=torch.long).to(self.device)
+            if len(ws) == 1:
+                ids, mask, positions = torch.tensor([ws[0].prompt_ids], dtype=torch.long).to(self.device), None, None
+            else:
+                ids, mask, positions = kv.prefill_inputs([w.prompt_ids for w in ws], self.device)
             cache = DynamicCache()
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **self._fast_logits_kwargs)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                **self._fast_logits_kwargs,
+            )
             raw = out.logits[:, -1, :]
             del out
-            sampler = BatchSampler([row], raw.shape[-1], self.device)
+            sampler = BatchSampler(rows, raw.shape[-1], self.device)
         except Exception as e:
-            self._request_failed(w, f"prefill of {len(w.prompt_ids)} prompt tokens", e)
+            if len(ws) > 1 and not is_fatal(e):
+                log.warning("prefilling %d requests together failed (%s); one by one instead", len(ws), describe(e))
+                if is_oom(e) and self.on_oom is not None:
+                    self.on_oom()
+                for w in ws:
+                    self._prefill_and_join([w])
+                return
+            self._request_failed(ws[0], f"prefill of {len(ws[0].prompt_ids)} prompt tokens", e)
             return
-        ((token, error),), _ = self._decide(raw, [w], sampler)
-        if token is None:
-            self._fail(w, error or NON_FINITE)
+        decisions, _ = self._decide(raw, ws, sampler)
+        logprob_rows = self._logprob_rows(raw, ws, decisions)
+        keep = []
+        for i, (w, (token, error)) in enumerate(zip(ws, decisions, strict=True)):
+            if token is None:
+                self._fail(w, error or NON_FINITE)
+            elif not self._accept(w, token, raw, i, logprob_rows):
+                keep.append(i)
+                rows[i].history = [*w.prompt_ids, token]
+        if not keep:
             return
-        if self._accept(w, token, raw, 0):
-            return
-        row.history = [*w.prompt_ids, token]
+        joiners = [ws[i] for i in keep]
         try:  # the sampler first: if the cache then fails to grow, merged() has put it back as it was
-            joined = self.sampler.joined(row) if self.sampler is not None else sampler
-            batch = kv.merged(self.batch, cache, len(w.prompt_ids), token)
+            joining = [rows[i] for i in keep]
+            joined = (
+                self.sampler.joined(joining)
+                if self.sampler is not None
+                else BatchSampler(joining, raw.shape[-1], self.device)
+            )
+            new = kv.group(cache, [len(w.prompt_ids) for w in ws], [t or 0 for t, _ in decisions])
+            if len(keep) < len(ws):
+                new = kv.selected(new, keep)
+            batch = kv.merged(self.batch, new)
         except Exception as e:
-            self._request_failed(w, f"joining the running batch of {len(self.rows)} sequences", e)
+            for w in joiners:
+                self._request_failed(w, f"joining the running batch of {len(self.rows)} sequences", e)
             return
         self.batch, self.sampler = batch, joined
-        self.rows.append(w)
+        self.rows.extend(joiners)
         self.peak_batch = max(self.peak_batch, len(self.rows))
 
     def _step(self) -> None:

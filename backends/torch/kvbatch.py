@@ -6,7 +6,7 @@ next input token and position id live on the device ([B] each), so a decode step
 building tensors from Python lists.
 
 Both changes of shape are all or nothing, without a second copy of the cache in flight:
-- `merged` (a prefilled request joins) grows the cache one layer at a time; if a layer cannot be
+- `merged` (requests prefilled together join) grows the cache one layer at a time; if a layer cannot be
   allocated, the layers already grown are cut back to views of exactly their old contents and the error
   propagates: the running batch is as it was, and only the joining request fails;
 - `selected` (rows leave) builds the small tensors first, then compacts the cache in place (no allocation).
@@ -40,30 +40,55 @@ class KVBatch:
         return int(self.mask.shape[1])
 
 
-def merged(batch: KVBatch | None, cache: DynamicCache, prompt_len: int, first_token: int) -> KVBatch:
-    """The batch with a freshly prefilled request (`cache` of one row, `prompt_len` long) appended as the
-    last row; all or nothing. The cache grows layer by layer (one layer's copy in flight, never a second
-    copy of the whole cache); if a layer fails, the layers already grown are cut back to their old rows
-    and columns (views of the new tensors: no allocation), and the error propagates."""
+def prefill_inputs(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), each [k, longest], for prefilling `prompts` together,
+    left-padded so that every row's last position is its real last token (one upload)."""
+    longest = max(len(p) for p in prompts)
+    rows = [[0] * (longest - len(p)) + list(p) for p in prompts]
+    masks = [[0] * (longest - len(p)) + [1] * len(p) for p in prompts]
+    both = torch.tensor([rows, masks], dtype=torch.long).to(device)
+    ids, mask = both[0], both[1]
+    positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+    return ids, mask, positions
+
+
+def group(cache: DynamicCache, prompt_lens: list[int], first_tokens: list[int]) -> KVBatch:
+    """The batch state of requests prefilled together (one row each, left-padded to the longest); padding
+    columns of the cache are zeroed (a padded query attends to nothing, which may leave NaN there)."""
     device = cache.layers[0].keys.device
-    token = torch.tensor([first_token, prompt_len], dtype=torch.long).to(device)
+    longest = max(prompt_lens)
+    pads = [longest - n for n in prompt_lens]
+    small = torch.tensor([first_tokens, prompt_lens, pads], dtype=torch.long).to(device)
+    mask = (torch.arange(longest, device=device)[None, :] >= small[2][:, None]).long()
+    if any(pads):
+        hidden = (mask == 0)[:, None, :, None]
+        for layer in cache.layers:
+            layer.keys.masked_fill_(hidden, 0)
+            layer.values.masked_fill_(hidden, 0)
+    return KVBatch(cache, mask, pads, small[0].clone(), small[1].clone())
+
+
+def merged(batch: KVBatch | None, new: KVBatch) -> KVBatch:
+    """The batch with the rows of `new` (requests just prefilled) appended at the end; all or nothing. The
+    cache grows layer by layer (one layer's copy in flight, never a second copy of the whole cache); if a
+    layer fails, the layers already grown are cut back to their old rows and columns (views of the new
+    tensors: no allocation), and the error propagates."""
     if batch is None:
-        mask = torch.ones((1, prompt_len), dtype=torch.long, device=device)
-        return KVBatch(cache, mask, [0], token[:1], token[1:])
+        return new
     rows, cur_len = batch.size, batch.length
-    total = max(cur_len, prompt_len)
-    grow, new_pad = total - cur_len, total - prompt_len
+    total = max(cur_len, new.length)
+    grow, new_pad = total - cur_len, total - new.length
     # the small tensors first: failing here changes nothing
-    new_row = torch.ones((1, total), dtype=torch.long, device=device)
-    new_row[:, :new_pad] = 0
-    mask = torch.cat([F.pad(batch.mask, (grow, 0)) if grow else batch.mask, new_row])
-    next_ids = torch.cat([batch.next_ids, token[:1]])
-    positions = torch.cat([batch.positions, token[1:]])
+    mask = torch.cat(
+        [F.pad(batch.mask, (grow, 0)) if grow else batch.mask, F.pad(new.mask, (new_pad, 0)) if new_pad else new.mask]
+    )
+    next_ids = torch.cat([batch.next_ids, new.next_ids])
+    positions = torch.cat([batch.positions, new.positions])
     grown = 0
     try:
-        for layer, new_layer in zip(batch.cache.layers, cache.layers, strict=True):
-            layer.keys = _stack_row(layer.keys, new_layer.keys, grow, new_pad)
-            layer.values = _stack_row(layer.values, new_layer.values, grow, new_pad)
+        for layer, new_layer in zip(batch.cache.layers, new.cache.layers, strict=True):
+            layer.keys = _stack_rows(layer.keys, new_layer.keys, grow, new_pad)
+            layer.values = _stack_rows(layer.values, new_layer.values, grow, new_pad)
             grown += 1
     except BaseException:
         for layer in batch.cache.layers[:grown]:
@@ -72,14 +97,14 @@ def merged(batch: KVBatch | None, cache: DynamicCache, prompt_len: int, first_to
         if layer.keys.shape[0] != rows:  # keys grew, values did not
             layer.keys = layer.keys[:rows, :, grow:]
         raise
-    return KVBatch(batch.cache, mask, [p + grow for p in batch.pads] + [new_pad], next_ids, positions)
+    pads = [p + grow for p in batch.pads] + [p + new_pad for p in new.pads]
+    return KVBatch(batch.cache, mask, pads, next_ids, positions)
 
 
-def _stack_row(old: torch.Tensor, new: torch.Tensor, grow: int, new_pad: int) -> torch.Tensor:
-    """[B, H, L, D] and [1, H, l, D] -> [B + 1, H, max(L, l), D], each left-padded with zeros: one allocation."""
+def _stack_rows(old: torch.Tensor, new: torch.Tensor, grow: int, new_pad: int) -> torch.Tensor:
+    """[B, H, L, D] and [k, H, l, D] -> [B + k, H, max(L, l), D], each left-padded with zeros: one allocation."""
     b, heads, length, dim = old.shape
-    total = length + grow
-    out = old.new_zeros((b + 1, heads, total, dim))
+    out = old.new_zeros((b + new.shape[0], heads, length + grow, dim))
     out[:b, :, grow:] = old
     out[b:, :, new_pad:] = new
     return out

@@ -104,14 +104,14 @@ class BatchSampler:
         return len(self.rows)
 
     # ---- shape changes (new samplers; the old one stays valid until the caller commits) ---------------
-    def joined(self, row: SamplerRow) -> BatchSampler:
-        """This batch plus one row at the end (the old rows keep the history they gathered on the device)."""
-        new = BatchSampler([*self.rows, row], self.vocab_size, self.device, build_history=False)
+    def joined(self, rows: list[SamplerRow]) -> BatchSampler:
+        """This batch plus `rows` at the end (the old rows keep the history they gathered on the device)."""
+        new = BatchSampler([*self.rows, *rows], self.vocab_size, self.device, build_history=False)
         if new.any_penalty:
             old = self.seen
             if old is None:
                 old = torch.zeros((len(self.rows), self.vocab_size), dtype=torch.bool, device=self.device)
-            new.seen = torch.cat([old, _history_mask([row], self.vocab_size, self.device)])
+            new.seen = torch.cat([old, _history_mask(rows, self.vocab_size, self.device)])
         return new
 
     def selected(self, keep: list[int]) -> BatchSampler:
