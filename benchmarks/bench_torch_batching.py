@@ -302,6 +302,14 @@ def main() -> None:
         med[name] = {
             "plain_generate_b1_decode_tps": statistics.median(r["plain_generate_b1"]["decode_tps"] for r in rs),
             "aggregate_tps": {n: statistics.median(r["streams"][n]["aggregate_tps"] for r in rs) for n in counts},
+            # the same worker's plain model.generate rate, measured minutes apart at most: on a shared machine
+            # this ratio moves less with the load than the raw rate does
+            "aggregate_vs_plain_generate": {
+                n: statistics.median(
+                    r["streams"][n]["aggregate_tps"] / r["plain_generate_b1"]["decode_tps"] for r in rs
+                )
+                for n in counts
+            },
             "decode_tps": {n: statistics.median(r["streams"][n]["decode_tps"] for r in rs) for n in counts},
             "audit": rs[0]["audit"],
         }
@@ -329,8 +337,15 @@ def main() -> None:
             f"{a['uploads']:.0f}",
             f"{a['ops']:.0f}",
         )
-    console = Console()
+    ratios = Table(title="aggregate tok/s / the same worker's plain model.generate batch-1 decode tok/s (medians)")
+    ratios.add_column("implementation")
+    for n in counts:
+        ratios.add_column(f"{n} stream{'s' if n != '1' else ''}", justify="right")
+    for name, m in med.items():
+        ratios.add_row(name, *(f"{m['aggregate_vs_plain_generate'][n]:.2f}" for n in counts))
+    console = Console(width=120)
     console.print(table)
+    console.print(ratios)
     for name, m in med.items():
         console.print(f"{name}: plain model.generate batch 1 decode {m['plain_generate_b1_decode_tps']:.1f} tok/s")
     if same_ids is not None:

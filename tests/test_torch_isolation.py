@@ -352,3 +352,22 @@ def test_the_engine_stops_routing_to_a_runner_that_needs_a_restart(gpu_engine):
     with pytest.raises(NoDeviceAvailable):
         engine.complete("Hello", policy="gpu", max_new_tokens=4)
     assert built == ["gpu:0", "cpu:0"]
+
+
+def test_a_group_prefill_that_runs_out_of_memory_is_retried_one_by_one(backend):
+    ref = alone(backend, PROMPTS[:3])
+    inner = backend.model.forward
+    state = {"raised": 0}
+
+    def forward(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[0] > 1 and ids.shape[1] > 1:  # several prompts prefilled together
+            state["raised"] += 1
+            raise torch.cuda.OutOfMemoryError(FAKE_OOM)
+        return inner(*args, **kwargs)
+
+    backend.model.forward = forward
+    results = run_concurrently(backend, requests(PROMPTS[:3]))
+    assert state["raised"] == 1
+    assert [ids_of(c) for c in results] == ref and all(c[-1].finish_reason == "length" for c in results)
+    assert_healthy_and_idle(backend)

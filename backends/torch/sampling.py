@@ -7,8 +7,10 @@ TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper), batched:
 - the repetition-penalty history is a [B, vocab] mask on the device, updated from the sampled tokens
   without leaving the device (never re-uploaded from a Python list);
 - a sampling row draws with its own torch.Generator, so its seed never depends on what else shares the
-  batch: probs / Exp(1) noise, then argmax (the exponential race, as vLLM samples with per-request
-  generators) is a draw from the categorical distribution `probs`;
+  batch: one uniform number per row, then inverse-CDF over the batch (searchsorted in the cumulative
+  probabilities) is a draw from each row's categorical distribution;
+- when every sampled row has a top-k, only max(top_k) candidates are ranked (topk, not a sort of the
+  vocabulary); a top-p without a top-k needs the full sort, once for the batch;
 - a temperature below SAMPLING_EPS is greedy (vLLM's rule): dividing logits by 1e-39 overflows to inf and
   softmax turns that into NaN, while the limit of sampling as temperature -> 0 is the argmax.
 
@@ -75,6 +77,11 @@ class BatchSampler:
         self.any_top_k = any(not r.greedy and r.params.top_k for r in rows)
         self.any_top_p = any(not r.greedy and r.params.top_p < 1.0 for r in rows)
         self.any_penalty = any(r.penalised for r in rows)
+        sampled = [r for r in rows if not r.greedy]
+        # every sampling row keeps at most its top-k: the choice can be made among max(top_k) candidates
+        ks = [r.params.top_k for r in sampled if r.params.top_k]
+        self.max_top_k = max(ks) if ks and len(ks) == len(sampled) else 0
+        self.largest_top_k = max(ks, default=0)
         # one upload of every row's settings; [B] each
         settings = [
             (
@@ -88,6 +95,7 @@ class BatchSampler:
         ]
         table = torch.tensor(settings, dtype=torch.float32).reshape(len(rows), 5).to(device)
         self.temperature = table[:, 0:1]
+        self.top_k_on = table[:, 1:2] < vocab_size
         self.top_k = table[:, 1:2].long().clamp_(1, vocab_size)
         self.top_p = table[:, 2:3]
         self.penalty = table[:, 3:4]
@@ -137,15 +145,31 @@ class BatchSampler:
         if not self.any_sampling:
             return greedy
         x = x / self.temperature
-        if self.any_top_k or self.any_top_p:
-            x = _filter_top_k_top_p(x, self.top_k, self.top_p, self.any_top_k, self.any_top_p)
-        probs = x.softmax(-1)
-        noise = torch.ones_like(probs)
+        candidates: torch.Tensor | None = None  # vocabulary ids of x's columns, when x is a subset
+        if self.max_top_k and self.max_top_k < x.shape[-1]:  # every sampled row has a top-k: only candidates
+            x, candidates = x.topk(self.max_top_k, dim=-1)  # sorted, most likely first
+            x = _top_k(x, self.top_k.clamp(max=self.max_top_k))
+            if self.any_top_p:
+                x = _top_p(x, self.top_p)
+        elif self.any_top_p:  # a nucleus needs the whole vocabulary in order
+            x, candidates = x.sort(-1, descending=True)
+            if self.any_top_k:
+                x = _top_k(x, self.top_k)
+            x = _top_p(x, self.top_p)
+        elif self.any_top_k:  # some rows have a top-k, others sample from everything: thresholds only
+            k = min(self.largest_top_k, x.shape[-1])
+            kth = x.topk(k, dim=-1).values.gather(-1, self.top_k.clamp(max=k) - 1)
+            x = x.masked_fill(self.top_k_on & (x < kth), float("-inf"))
+        # inverse CDF: one uniform draw per sampled row, from that request's own generator
+        cdf = x.softmax(-1).cumsum_(-1)
+        draws = torch.zeros((len(self.rows), 1), device=x.device)
         for i, r in enumerate(self.rows):
             if not r.greedy:
-                noise[i].exponential_(generator=r.generator)
-        sampled = (probs / noise.clamp_min_(1e-20)).argmax(-1)
-        return torch.where(self.greedy_mask, greedy, sampled)
+                draws[i].uniform_(generator=r.generator)
+        picked = torch.searchsorted(cdf, draws * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+        if candidates is not None:
+            picked = candidates.gather(-1, picked)
+        return torch.where(self.greedy_mask, greedy, picked.squeeze(-1))
 
 
 def _history_mask(rows: list[SamplerRow], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -158,19 +182,16 @@ def _history_mask(rows: list[SamplerRow], vocab_size: int, device: torch.device)
     return seen.to(device)
 
 
-def _filter_top_k_top_p(
-    x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, use_k: bool, use_p: bool
-) -> torch.Tensor:
-    """Scores outside each row's top-k, then outside its nucleus, set to -inf (ties at the k-th score kept,
-    as transformers does); the most likely token always survives. One sort for the batch."""
-    sorted_x, order = x.sort(-1, descending=True)
-    if use_k:
-        kth = sorted_x.gather(-1, top_k - 1)
-        sorted_x = sorted_x.masked_fill(sorted_x < kth, float("-inf"))
-    if use_p:
-        probs = sorted_x.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        remove = mass_before > top_p
-        remove[:, 0] = False
-        sorted_x = sorted_x.masked_fill(remove, float("-inf"))
-    return torch.empty_like(x).scatter_(-1, order, sorted_x)
+def _top_k(sorted_x: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Scores (sorted, most likely first) below each row's k-th set to -inf; ties at the k-th score are kept,
+    as transformers does."""
+    kth = sorted_x.gather(-1, top_k - 1)
+    return sorted_x.masked_fill(sorted_x < kth, float("-inf"))
+
+
+def _top_p(sorted_x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Scores (sorted, most likely first) outside each row's nucleus set to -inf; the first always survives."""
+    probs = sorted_x.softmax(-1)
+    remove = (probs.cumsum(-1) - probs) > top_p
+    remove[:, 0] = False
+    return sorted_x.masked_fill(remove, float("-inf"))
