@@ -101,6 +101,8 @@ class IsolatedBackend:
             raise BackendError(f"the {self._name} process is gone ({self._died}); it is reloaded on a later request")
         inbox: queue.Queue[Any] = queue.Queue()
         with self._pending_lock:
+            if request.request_id in self._pending:
+                raise ValueError(f"request_id {request.request_id!r} is already generating")
             self._pending[request.request_id] = inbox
         self._send(("generate", request))
         return self._drain(request.request_id, inbox)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -158,3 +160,35 @@ class FakeBackend:
 
     def unload(self) -> None:
         self.loaded = False
+
+
+class CrashingBackend(FakeBackend):
+    """A FakeBackend whose process dies of SIGSEGV, as a native runtime's would, when the prompt asks for it:
+    'segfault before' dies before the first token, 'segfault mid' after two tokens. The CPU one never does
+    (the steady floor the work falls back to). 'bad request' is refused with a ValueError, as a bad request is."""
+
+    def generate(self, request: GenerationRequest) -> Iterator[TokenChunk]:
+        content = request.messages[-1]["content"] if request.messages else request.prompt or ""
+        if "bad request" in content:
+            raise ValueError("the fake backend refuses this request")
+        if self.device_kind == "cpu":
+            content = ""
+        if "segfault before" in content:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        chunks = super().generate(request)
+        if "segfault mid" not in content:
+            return chunks
+        return self._die_after(chunks, 2)
+
+    @staticmethod
+    def _die_after(chunks: Iterator[TokenChunk], n: int) -> Iterator[TokenChunk]:
+        for i, chunk in enumerate(chunks):
+            if i == n:
+                time.sleep(0.2)  # let the chunks already sent reach the parent
+                os.kill(os.getpid(), signal.SIGSEGV)
+            yield chunk
+
+
+def crashing_factory(model: object, placement: object, device: DeviceInfo) -> CrashingBackend:
+    """A module-level factory (picklable, so an isolated backend's child process can call it)."""
+    return CrashingBackend(device.kind, token_delay_s=0.01)

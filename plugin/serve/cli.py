@@ -176,6 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_insecure=args.insecure_no_api_key,
         policy=args.policy,
         limits=limits,
+        isolate_backends=args.isolate_backends,
     )
     return 0
 
@@ -265,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer <key>'")
     p.add_argument("--insecure-no-api-key", action="store_true", help="allow a non-loopback bind without a key")
     p.add_argument("--policy", choices=POLICIES, default="auto")
+    p.add_argument(
+        "--isolate-backends",
+        action="store_true",
+        help="run each backend in its own process: a crash in a native runtime fails only its requests",
+    )
     d = ServerLimits  # the defaults
     g = p.add_argument_group("limits (each refusal is counted in /metrics as accelserve_rejected_requests)")
     g.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, help="413 above it (default 4)")

@@ -497,8 +497,11 @@ def serve(
     allow_insecure: bool = False,
     policy: str = "auto",
     limits: ServerLimits | None = None,
+    isolate_backends: bool = False,
 ) -> None:
-    """Load every model (exporting if needed), then serve them until interrupted (SIGTERM drains first)."""
+    """Load every model (exporting if needed), then serve them until interrupted (SIGTERM drains first).
+    `isolate_backends` runs each backend in its own process, so a crash in a native runtime cannot take the
+    server down (backends/isolated.py)."""
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(host, api_key, allow_insecure)
     limits = limits or ServerLimits()
@@ -509,7 +512,9 @@ def serve(
     try:
         for name in names:
             log.info("loading %s ...", name)
-            engine = Engine.from_pretrained(name, policy=policy, max_queue=limits.max_queue)
+            engine = Engine.from_pretrained(
+                name, policy=policy, max_queue=limits.max_queue, isolate_backends=isolate_backends
+            )
             engines[name] = engine
             placement = engine.preload()
             log.info(
