@@ -229,3 +229,16 @@ def test_refusals_are_counted_by_limit(server):
             ln for ln in text.splitlines() if ln.startswith(f'accelserve_rejected_requests_total{{reason="{reason}"')
         )
         assert float(line.split()[-1]) >= 1
+
+
+def test_errors_never_carry_a_trace_or_a_server_path():
+    from plugin.engine.engine import EngineError
+    from plugin.serve.server import api_error_from
+
+    unexpected = api_error_from(TypeError("bad operand at /home/alice/models/secret/model.onnx")).body()["error"]
+    assert unexpected["type"] == "server_error" and unexpected["code"] == "internal_error"
+    assert "TypeError" in unexpected["message"] and "/home" not in unexpected["message"]
+    known = api_error_from(EngineError("load failed: /srv/cache/exports/abc123/model.onnx is truncated")).body()
+    assert known["error"]["message"] == "load failed: <...>/model.onnx is truncated"
+    routes = api_error_from(ValueError("see GET /v1/models and /api/tags")).body()["error"]["message"]
+    assert routes == "see GET /v1/models and /api/tags"  # the API's own routes are not paths of the machine

@@ -104,7 +104,12 @@ def api_error_from(e: BaseException) -> APIError:
     if isinstance(e, EngineError):
         return APIError(500, str(e), "server_error", "engine_error")
     # The details (and the trace) are in the server's log, never in the response.
-    return APIError(500, f"internal server error ({type(e).__name__}); the server log has the details")
+    return APIError(
+        500,
+        f"internal server error ({type(e).__name__}); the server log has the details",
+        "server_error",
+        "internal_error",
+    )
 
 
 # ---- app --------------------------------------------------------------------------------------------
