@@ -374,7 +374,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             wall = time.perf_counter() - t0
             if args.guidellm_report:
                 shutil.copyfile(work / "guidellm.json", args.guidellm_report)
-    scen["spec"]["outputs"][0]["path"] = "(temporary)"
+    scen["spec"]["outputs"][0]["path"] = "(temporary)"  # no local paths in the committed results
+    scen["spec"]["tokenizer"]["model"] = "(the model's own folder)" if not args.tokenizer else args.tokenizer
     scen["spec"]["backend"].pop("api_key", None)
     return {
         "benchmark": "serving",
@@ -384,7 +385,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "scenario": scen,
             "command": "guidellm run --scenario scenario.json --disable-console-interactive",
         },
-        "model": {"ref": args.model, "tokenizer": "the model's own folder" if not args.tokenizer else args.tokenizer},
+        "model": {"ref": args.model},
         "server": {
             "started_by_benchmark": not args.url,
             "device": args.device,
