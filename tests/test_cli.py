@@ -120,3 +120,9 @@ def test_serve_refuses_nonsense_limits_before_loading(capsys, monkeypatch):
 
 def _must_not_load(*args, **kwargs):
     raise AssertionError("the model was loaded before the settings were checked")
+
+
+def test_serve_refuses_an_unknown_cpu_backend_before_loading(capsys, monkeypatch):
+    monkeypatch.setattr("plugin.engine.devices.discover_devices", lambda: [])
+    assert main(["serve", "--cpu-backend", "llamacpp"]) != 0
+    assert "unknown cpu_backend 'llamacpp'" in capsys.readouterr().err

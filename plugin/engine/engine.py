@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backends import registry
 from backends.base import (
     Backend,
     BackendCapabilities,
@@ -151,6 +152,7 @@ class Engine:
         health: HealthTracker | None = None,
         max_queue: int = 32,
         isolate_backends: bool = False,
+        cpu_backend: str = "auto",
     ) -> None:
         self.model = model
         self.policy = policy
@@ -158,6 +160,10 @@ class Engine:
         self.max_queue = max_queue
         # each backend in its own process: a crash in a native runtime fails only its requests (backends/isolated.py)
         self.isolate_backends = isolate_backends
+        if cpu_backend != "auto" and cpu_backend not in registry.registered():
+            names = ", ".join(sorted(registry.registered()))
+            raise ValueError(f"unknown cpu_backend {cpu_backend!r}; choose 'auto' or one of {names}")
+        self.cpu_backend = cpu_backend  # "auto", or the runtime the CPU must use (e.g. "torch")
         self.health = health or HealthTracker()
         self.costs = cost_model if cost_model is not None else CostModel.load_default()
         if backend_factory is None:
@@ -303,6 +309,7 @@ class Engine:
             policy or self.policy,
             load=self._load_snapshot(),
             costs=self.costs,
+            cpu_backend=self.cpu_backend,
         )
 
     def preload(self, policy: str | None = None) -> Placement:
@@ -379,6 +386,7 @@ class Engine:
                 load=self._load_snapshot(),
                 costs=self.costs,
                 exclude=tried,
+                cpu_backend=self.cpu_backend,
             )
         except PlacementError as e:
             if failures:

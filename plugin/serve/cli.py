@@ -177,6 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         policy=args.policy,
         limits=limits,
         isolate_backends=args.isolate_backends,
+        cpu_backend=args.cpu_backend,
     )
     return 0
 
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require 'Authorization: Bearer <key>'")
     p.add_argument("--insecure-no-api-key", action="store_true", help="allow a non-loopback bind without a key")
     p.add_argument("--policy", choices=POLICIES, default="auto")
+    p.add_argument("--cpu-backend", default="auto", help="the runtime for the CPU: auto, onnxruntime-genai or torch")
     p.add_argument(
         "--isolate-backends",
         action="store_true",

@@ -503,6 +503,7 @@ def serve(
     policy: str = "auto",
     limits: ServerLimits | None = None,
     isolate_backends: bool = False,
+    cpu_backend: str = "auto",
 ) -> None:
     """Load every model (exporting if needed), then serve them until interrupted (SIGTERM drains first).
     `isolate_backends` runs each backend in its own process, so a crash in a native runtime cannot take the
@@ -518,7 +519,11 @@ def serve(
         for name in names:
             log.info("loading %s ...", name)
             engine = Engine.from_pretrained(
-                name, policy=policy, max_queue=limits.max_queue, isolate_backends=isolate_backends
+                name,
+                policy=policy,
+                max_queue=limits.max_queue,
+                isolate_backends=isolate_backends,
+                cpu_backend=cpu_backend,
             )
             engines[name] = engine
             placement = engine.preload()
