@@ -108,6 +108,26 @@ def test_batched_greedy_equals_sequential_and_hf_generate(make_backend, arch):
     assert all(c[-1].finish_reason in ("stop", "length") for c in batched)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prompts_prefilled_together_equal_prefilled_alone(make_backend, arch):
+    """CUDA's path (left-padded prompts in one forward, one group per decode step), run here on the CPU."""
+    backend = make_backend(arch)
+    sequential = [ids_of(collect(backend.generate(GenerationRequest(prompt=p, sampling=GREEDY)))) for p in PROMPTS]
+    backend._runner.batched_prefill = True
+    prefills = []
+    inner = backend.model.forward
+
+    def forward(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefills.append(kwargs["input_ids"].shape[0])
+        return inner(*args, **kwargs)
+
+    backend.model.forward = forward
+    batched = run_concurrently(backend, [GenerationRequest(prompt=p, sampling=GREEDY) for p in PROMPTS])
+    assert [ids_of(c) for c in batched] == sequential
+    assert prefills == [len(PROMPTS)]  # one forward for all five prompts
+
+
 def test_request_added_mid_flight(make_backend):
     backend = make_backend("llama")
     long = SamplingParams(max_new_tokens=80)

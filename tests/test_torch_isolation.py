@@ -96,9 +96,11 @@ def test_non_finite_logits_fail_one_request(backend, value):
     assert alone(backend, PROMPTS[1:2]) == [ref[1]]  # the same request is served in full again
 
 
-def test_nan_at_prefill_fails_only_that_request(backend):
-    """Three requests prefilled together in one forward; one row's logits are NaN."""
+@pytest.mark.parametrize("batched", [True, False], ids=["prefilled-together", "prefilled-alone"])
+def test_nan_at_prefill_fails_only_that_request(backend, batched):
+    """Three requests prefilled (together, as on CUDA, or one by one); one row's logits are NaN."""
     ref = alone(backend, PROMPTS[:2])
+    backend._runner.batched_prefill = batched
     slow_down(backend, 0.002)
     poisoned = backend.tokenizer.encode(PROMPTS[4])
     inner = backend.model.forward
@@ -143,10 +145,10 @@ def test_a_row_whose_token_choice_raises_fails_alone(backend, monkeypatch):
 def test_oom_while_joining_fails_the_joining_request_and_keeps_the_batch(backend, monkeypatch):
     ref = alone(backend, PROMPTS[:3])
     inner = kvbatch._stack_rows
-    state = {"calls": 0, "raised": 0}
+    state = {"calls": 0, "raised": 0, "armed": False}
 
     def stack_rows(old, new, grow, new_pad):
-        state["calls"] += 1
+        state["calls"] += state["armed"]
         if state["calls"] == 3 and not state["raised"]:  # layer 0 grew (keys, values), layer 1's keys fail
             state["raised"] += 1
             raise torch.cuda.OutOfMemoryError(FAKE_OOM)
@@ -155,7 +157,11 @@ def test_oom_while_joining_fails_the_joining_request_and_keeps_the_batch(backend
     monkeypatch.setattr(kvbatch, "_stack_rows", stack_rows)
     slow_down(backend, 0.002)
     running = [backend.generate(r) for r in requests(PROMPTS[:2])]
-    firsts = [next(s) for s in running]  # both are decoding in one batch before the third arrives
+    firsts = [next(s) for s in running]
+    deadline = time.time() + 10
+    while len(backend._runner.rows) < 2 and time.time() < deadline:  # both decode in one batch
+        time.sleep(0.001)
+    state["armed"] = True
     late = collect(backend.generate(GenerationRequest(prompt=PROMPTS[2], sampling=PARAMS, request_id="late")))
     rest = [firsts[i : i + 1] + collect(s) for i, s in enumerate(running)]
     assert state["raised"] == 1
@@ -367,6 +373,7 @@ def test_a_group_prefill_that_runs_out_of_memory_is_retried_one_by_one(backend):
         return inner(*args, **kwargs)
 
     backend.model.forward = forward
+    backend._runner.batched_prefill = True  # as on CUDA: waiting prompts share one forward
     results = run_concurrently(backend, requests(PROMPTS[:3]))
     assert state["raised"] == 1
     assert [ids_of(c) for c in results] == ref and all(c[-1].finish_reason == "length" for c in results)

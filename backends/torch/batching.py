@@ -4,17 +4,18 @@ Design (the simplest one that is exactly right):
 - One scheduler thread owns the model (and, on CUDA, sets its device first, so work for cuda:1 never lands
   on GPU 0). `submit` puts a request on a queue; the thread answers through the request's own chunk queue.
   Nothing else touches the model, so no locks around forward passes.
-- Requests waiting to start are prefilled together (left-padded, one forward, their own DynamicCache, up to
-  PREFILL_TOKENS padded tokens; a request alone runs unpadded), their first tokens are chosen from the
-  prefill logits and streamed at once, then their KV cache is merged into the running batch. While
-  streams are decoding, one such group is prefilled per step, so a burst of arrivals never stalls them
-  for long.
+- On CUDA, requests waiting to start are prefilled together (left-padded, one forward, their own
+  DynamicCache, up to PREFILL_TOKENS padded tokens; a request alone runs unpadded), their first tokens are
+  chosen from the prefill logits and streamed at once, then their KV cache is merged into the running
+  batch. While streams are decoding, one such group is prefilled per step, so a burst of arrivals never
+  stalls them for long. On the CPU each prompt is prefilled alone, all before the next step
+  (`batched_prefill`: measured, a padded prefill only delays first tokens there).
 - The running batch (kvbatch.py) is one left-padded DynamicCache with a 2-D attention mask; every row
   carries its own position id, so rotary/absolute positions never see the padding. With no padding at
   all the mask is dropped, so a single stream runs exactly like plain `model.generate`.
 - A decode step feeds one token per row from device tensors, chooses every row's next token in one
   batched call (sampling.py: per-row settings and generators, penalty history on the device), and brings
-  the tokens (with a per-row "logits were not finite" flag) to the host in ONE transfer: the step's only
+  the tokens (-1 for a row whose logits were not finite) to the host in ONE transfer: the step's only
   host sync, unless a row asked for logprobs.
 - A finished or cancelled row leaves at once; leading columns that became padding for every row are cut.
 - Admission is the engine's: it submits a request only when a batch slot is free and the padded KV
@@ -118,9 +119,15 @@ class BatchRunner:
         *,
         max_batch_size: int,
         on_oom: Callable[[], None] | None = None,
+        batched_prefill: bool | None = None,
     ) -> None:
         self.model = model
         self.device = device
+        # CUDA: waiting prompts share one forward and one group starts per decode step. The CPU gains nothing
+        # from a padded prefill (its GEMMs are already large; measured with bench_torch_batching, the median
+        # time to first token of 16 streams got worse), so there each prompt is prefilled alone, all of them
+        # before the next step, as before.
+        self.batched_prefill = device.type == "cuda" if batched_prefill is None else batched_prefill
         self.max_batch_size = max_batch_size  # what the engine admits at most; reported, not enforced here
         self.on_oom = on_oom
         self._incoming: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
@@ -237,7 +244,7 @@ class BatchRunner:
             group = self._next_group()
             if group:
                 self._prefill_and_join(group)
-            if self.rows:
+            if self.rows and self.batched_prefill:
                 return
 
     def _next_group(self) -> list[Work]:
@@ -251,7 +258,7 @@ class BatchRunner:
                 self._end(w, "cancelled")
                 continue
             wider = max(longest, len(w.prompt_ids))
-            if group and wider * (len(group) + 1) > PREFILL_TOKENS:
+            if group and (not self.batched_prefill or wider * (len(group) + 1) > PREFILL_TOKENS):
                 break
             group.append(self._waiting.popleft())
             longest = wider
@@ -391,7 +398,7 @@ class BatchRunner:
         the tokens on the device (the next step's input)."""
         try:
             tokens = sampler.choose(_suppress(raw, rows))
-            host_tokens, host_bad = torch.stack([tokens, _non_finite(raw)]).tolist()
+            host_tokens = torch.where(_finite_rows(raw), tokens, -1).tolist()
         except Exception as e:
             if is_fatal(e):
                 raise RestartRequired(describe(e)) from e
@@ -400,15 +407,13 @@ class BatchRunner:
             sampler.observe(torch.tensor([t or 0 for t, _ in decisions], dtype=torch.long).to(self.device))
             return decisions, None
         sampler.observe(tokens)
-        return [
-            (None, NON_FINITE) if bad else (token, None) for token, bad in zip(host_tokens, host_bad, strict=True)
-        ], tokens
+        return [(None, NON_FINITE) if token < 0 else (token, None) for token in host_tokens], tokens
 
     def _decide_row(self, raw: torch.Tensor, rows: list[Work], sampler: BatchSampler, i: int) -> Decision:
         try:
             one = raw[i : i + 1]
-            token, bad = torch.stack([sampler.selected([i]).choose(_suppress(one, [rows[i]])), _non_finite(one)])[:, 0]
-            return (None, NON_FINITE) if bool(bad) else (int(token), None)
+            token = int(torch.where(_finite_rows(one), sampler.selected([i]).choose(_suppress(one, [rows[i]])), -1))
+            return (None, NON_FINITE) if token < 0 else (token, None)
         except Exception as e:
             if is_fatal(e):
                 raise RestartRequired(describe(e)) from e
@@ -503,10 +508,10 @@ class BatchRunner:
         self.rows = [self.rows[i] for i in keep]
 
 
-def _non_finite(raw: torch.Tensor) -> torch.Tensor:
-    """[B] int64: 1 where a row's logits hold a NaN or +inf, or are all -inf (no token can be chosen)."""
-    top = raw.amax(-1)
-    return (raw.isnan().any(-1) | top.isinf()).long()
+def _finite_rows(raw: torch.Tensor) -> torch.Tensor:
+    """[B] bool: False where a row's logits hold a NaN or +inf, or are all -inf (no token can be chosen).
+    One reduction: amax propagates NaN."""
+    return torch.isfinite(raw.amax(-1))
 
 
 def _suppress(logits: torch.Tensor, rows: list[Work]) -> torch.Tensor:
