@@ -198,6 +198,13 @@ def poison_check(backend: TorchBackend, prompts: list[list[dict]], reference: li
         t.start()
     for t in threads:
         t.join()
+    deadline = time.perf_counter() + 5
+    while (
+        backend.health().healthy
+        and time.perf_counter() < deadline
+        and any(chunks and chunks[-1].finish_reason == "error" for chunks in results[:n])
+    ):
+        time.sleep(0.05)  # a runner that is dying ends its streams just before its thread exits
     ids = [[t for c in chunks for t in c.token_ids] for chunks in results]
     last = [chunks[-1] if chunks else None for chunks in results]
     return {
