@@ -1,15 +1,18 @@
 """onnxruntime-genai backend: an exported folder on one execution provider (QNN, OpenVINO, DirectML, CPU).
 
-One loaded `og.Model` serves every request the engine admits, each on its own `og.Generator` driven by
-the calling thread (onnxruntime sessions are thread-safe for Run, and onnxruntime-genai releases the GIL
-while it computes). Admission and queueing belong to the engine; this class just runs what it is given.
-Why generators per request rather than og.Engine or batched GeneratorParams: docs/architecture.md.
+On the CPU provider, a fused export (GroupQueryAttention over a shared KV buffer) is served by continuous
+batching: concurrent requests share decode steps, joining and leaving at any step (batching.py, which
+also says why not og.Engine). Anything else (the HTP pipeline package, plain Optimum graphs, accelerator
+providers) keeps one `og.Generator` per request, driven by the calling thread (onnxruntime sessions are
+thread-safe for Run, and onnxruntime-genai releases the GIL while it computes). Admission and queueing
+belong to the engine; this class just runs what it is given.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,13 +29,17 @@ from backends.base import (
     SamplingParams,
     TokenChunk,
 )
-from backends.ort_genai.providers import ProviderSpec, load_with_fallback, preference_for
+from backends.ort_genai.batching import GraphSpec, OrtBatchRunner, Work, batchable_graph, make_work
+from backends.ort_genai.providers import ProviderSpec, load_with_fallback, preference_for, session_threads
 from backends.prompt import PromptEncoder
 from backends.stream import TokenStream, token_logprob
 
 log = logging.getLogger(__name__)
 
 BACKEND_NAME = "onnxruntime-genai"
+BATCHED_MAX_BATCH_SIZE = 8
+"""Requests the engine admits at once when decode steps are shared (one stream at a time otherwise gets 4)."""
+GENERATOR_MAX_BATCH_SIZE = 4
 
 
 def read_genai_config(model_dir: Path) -> dict[str, Any]:
@@ -127,22 +134,32 @@ class OrtGenaiBackend:
         device: str = "npu",
         providers: Sequence[str] | None = None,
         simulated: bool = False,
-        max_batch_size: int = 4,
+        max_batch_size: int | None = None,
         num_threads: int | None = None,
+        batching: bool | None = None,
     ) -> None:
+        """`batching`: None shares decode steps where the export and provider allow it (else one generator
+        per request), False always uses generators, True asks for batching (refused at load when impossible).
+        `max_batch_size` None means 8 when batched, 4 with generators."""
         self.model_dir = Path(model_dir)
         if device not in ("npu", "gpu", "cpu"):
             raise ValueError(f"device must be 'npu', 'gpu' or 'cpu' (got {device!r})")
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
             raise ValueError(f"max_batch_size must be an integer >= 1 (got {max_batch_size!r})")
+        if batching not in (None, True, False):
+            raise ValueError(f"batching must be None (auto), True or False (got {batching!r})")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(
                 f"num_threads must be an integer >= 1 or None for onnxruntime's default (got {num_threads!r})"
             )
         self.device = device
         self.simulated = bool(simulated)
-        self.max_batch_size = max_batch_size
+        self._max_batch_size = max_batch_size
         self.num_threads = num_threads
+        self.batching = batching
+        self.batching_reason = ""  # why the loaded model is (not) batched
+        self._runner: OrtBatchRunner | None = None
+        self._batched: dict[str, Work] = {}  # batched requests whose caller has not read their last chunk
         self._explicit_providers = providers is not None
         self._candidates: list[ProviderSpec] = preference_for(device, providers)
         if self.simulated and not self._explicit_providers:
@@ -164,7 +181,7 @@ class OrtGenaiBackend:
 
     def load(self) -> None:
         """Load the model with the first provider that works; records the ones that did not."""
-        if self._model is not None:
+        if self._model is not None or self._runner is not None:
             return
         if not self.model_dir.is_dir():
             raise BackendError(f"model folder {self.model_dir} does not exist; export the model first")
@@ -197,23 +214,77 @@ class OrtGenaiBackend:
             raise BackendError(f"{self.model_dir}/genai_config.json has no model.context_length; re-export the model")
         self._precision = detect_precision(self.model_dir)
         self._eos_ids = frozenset(int(t) for t in eos_ids)
+        runner = self._batch_runner(result.spec)
         self._encoder = encoder
         self.load_attempts = list(result.attempts)
-        self._spec, self._model = result.spec, result.model
+        # A batched model runs in its own onnxruntime session: the og.Model's weights are not kept twice.
+        self._spec, self._model = result.spec, (None if runner is not None else result.model)
+        self._runner = runner
         self._last_error = ""
         log.info(
-            "loaded %s on %s (%s%s)",
+            "loaded %s on %s (%s%s; %s)",
             self.model_dir,
             result.spec.ort_name,
             self.device,
             ", simulated" if self.simulated else "",
+            self.batching_reason,
         )
+
+    def _batch_runner(self, spec: ProviderSpec) -> OrtBatchRunner | None:
+        """The continuous-batching runner when this export on this provider allows it (None: generators)."""
+        if self.batching is False:
+            self.batching_reason = "one generator per request (batching=False)"
+            return None
+        graph: GraphSpec | None = None
+        if spec.key != "cpu":
+            why = f"{spec.ort_name} runs one generator per request; shared decode steps need the CPU provider"
+        elif self._window:
+            why = "a static-shape prefill window"
+        else:
+            graph, why = batchable_graph(self.model_dir)
+        runner = None
+        if graph is not None:
+            try:
+                runner = OrtBatchRunner(
+                    self._session(graph, spec), graph, max_batch_size=self._max_batch_size or BATCHED_MAX_BATCH_SIZE
+                )
+            except Exception as exc:  # onnxruntime cannot open the graph itself: generators still can
+                why = f"onnxruntime could not open the graph for batching ({exc})"
+        if runner is None:
+            if self.batching:
+                raise BackendError(f"batching=True but {self.model_dir} cannot be batched here: {why}")
+            self.batching_reason = f"one generator per request: {why}"
+            log.info("%s: %s", self.model_dir, self.batching_reason)
+            return None
+        runner.start()
+        self.batching_reason = "continuous batching: requests share decode steps"
+        return runner
+
+    def _session(self, graph: GraphSpec, spec: ProviderSpec) -> Any:
+        """An onnxruntime session on the CPU provider with the thread settings generators get."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        for key, value in session_threads(spec, self.num_threads).items():
+            setattr(options, key, value)
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(graph.model_file), options, providers=["CPUExecutionProvider"])
+
+    @property
+    def max_batch_size(self) -> int:
+        """Requests the engine may run here at once (explicit, else by how the loaded model is served)."""
+        if self._max_batch_size is not None:
+            return self._max_batch_size
+        return BATCHED_MAX_BATCH_SIZE if self._runner is not None else GENERATOR_MAX_BATCH_SIZE
 
     def unload(self) -> None:
         """Cancel running requests and drop the model; `load` may be called again."""
         with self._lock:
             for state in self._active.values():
                 state.cancelled.set()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.stop("the model was unloaded")
         self._model = self._encoder = None
         self._spec = None
 
@@ -244,11 +315,16 @@ class OrtGenaiBackend:
         )
 
     def health(self) -> BackendHealth:
+        runner = self._runner
         with self._lock:
-            active = len(self._active)
-        if self._model is None:
+            active = len(self._active) + len(self._batched)
+        if self._model is None and runner is None:
             return BackendHealth(False, active, "not loaded")
-        detail = f"{self._spec.ort_name if self._spec else '?'}"
+        if runner is not None and not runner.alive:
+            return BackendHealth(False, active, f"batch scheduler stopped: {runner.last_error or 'unknown'}")
+        detail = f"{self._spec.ort_name if self._spec else '?'}; {self.batching_reason}"
+        if runner is not None:
+            self._last_error = runner.last_error or self._last_error
         if self._last_error:
             detail += f"; last error: {self._last_error}"
         return BackendHealth(True, active, detail)
@@ -272,6 +348,21 @@ class OrtGenaiBackend:
                 f"prompt ({len(ids)} tokens{padded}) + max_new_tokens ({request.sampling.max_new_tokens}) = {limit} "
                 f"exceeds the model's context length {self._context_length}; shorten the prompt or lower max_new_tokens"
             )
+        runner = self._runner
+        if runner is not None:
+            assert self._encoder is not None
+            work = make_work(request.request_id, ids, request.sampling, self._eos_ids, self._encoder.decoder(ids))
+            with self._lock:
+                if request.request_id in self._batched:
+                    raise ValueError(f"request_id {request.request_id!r} is already generating; use a unique id")
+                self._batched[request.request_id] = work
+            try:
+                runner.submit(work)
+            except BaseException:
+                with self._lock:
+                    self._batched.pop(request.request_id, None)
+                raise
+            return self._batched_stream(runner, work)
         state = _Active()
         with self._lock:
             if request.request_id in self._active:
@@ -279,11 +370,46 @@ class OrtGenaiBackend:
             self._active[request.request_id] = state
         return self._stream(request, ids, state)
 
+    def _batched_stream(self, runner: OrtBatchRunner, work: Work) -> Iterator[TokenChunk]:
+        """The request's chunks as the scheduler thread produces them. A cancel ends the caller's stream at
+        once (tokens already produced ahead of the caller are not delivered), however far the thread got."""
+        finished = False
+        try:
+            while True:
+                if work.cancelled:
+                    chunk = TokenChunk(work.request_id, "", [], "cancelled", len(work.prompt_ids))
+                else:
+                    try:
+                        chunk = work.out.get(timeout=0.5)
+                    except queue.Empty:
+                        if runner.alive:
+                            continue
+                        reason = runner.last_error or "the batch scheduler stopped"
+                        chunk = TokenChunk(work.request_id, "", [], "error", len(work.prompt_ids), reason)
+                finished = chunk.finish_reason is not None
+                yield chunk
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._batched.pop(work.request_id, None)
+            if not finished or work.cancelled:  # the caller stopped reading: free the batch row
+                runner.cancel(work.request_id)
+
     def _prompt_span(self, n_prompt: int) -> int:
         return prompt_span(n_prompt, self._window)
 
     def cancel(self, request_id: str) -> bool:
         """Stop a running request within one decode step; False when no such request runs."""
+        runner = self._runner
+        with self._lock:
+            work = self._batched.get(request_id)
+            if work is not None:
+                work.cancelled = True
+        if work is not None:
+            assert runner is not None
+            runner.cancel(request_id)  # False when the thread already finished it: the caller's stream still ends
+            return True
         with self._lock:
             state = self._active.get(request_id)
         if state is None:

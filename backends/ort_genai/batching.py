@@ -1,0 +1,506 @@
+"""Continuous batching for the fused GroupQueryAttention export, driven directly through onnxruntime.
+
+Why not onnxruntime-genai's own `og.Engine` (0.18): on a graph without PagedAttention it takes its static
+path, which batches at most 4 requests, lets no request join a running batch, and reads full-sequence
+logits, so it fails on the fused export (whose lm_head runs on the last position only: "Got invalid
+dimensions for output: logits ... Got: 8 Expected: 1"). On a copy of the export with the full lm_head it
+ran, slower than one generator per request (measured: benchmarks/bench_ort_batching.py). Its dynamic path
+needs a PagedAttention graph, which the CPU provider does not run.
+
+What the fused graph already supports is enough: GroupQueryAttention reads each row's length from the
+attention mask (seqlens_k = sum(mask) - 1), writes the new key/value at that position of a shared
+past/present buffer and applies rotary at that position. So rows of different lengths share one decode
+step with a right-padded mask and nothing else:
+
+- one scheduler thread owns the onnxruntime session; `submit` queues a request, the thread answers
+  through the request's own chunk queue (the same shape as backends/torch/batching.py);
+- the KV cache is one buffer per layer and kind, [rows, kv_heads, length, head_size]; row i of the buffer
+  is `rows[i]`. A new request is prefilled alone (batch 1, the graph's logits are its last position)
+  straight into the next free row of that buffer, then decodes with the others. Prompts are never padded
+  together: the pruned lm_head has no logits for a shorter prompt's last token in a padded batch;
+- a finished or cancelled row leaves at once: the last row's used cache moves into its place, so the
+  running rows stay rows [0, n) and each step binds views of the buffers (no copy per step);
+- the buffers grow (rows doubling, length in blocks of KV_BLOCK) when a joining request or a longer
+  sequence needs it, and are dropped when no request runs;
+- each row chooses its token on the host from its own logits: its own greedy/temperature/top-k/top-p,
+  repetition penalty over prompt and output, EOS banned before min_tokens, and its own seeded
+  numpy Generator, so what shares the batch never changes a sampled row's draws;
+- TokenStream (backends/stream.py) decides text, stops, EOS and limits, as on every path.
+
+Failure isolation: a failing prefill fails that request only; a failing decode step fails the rows of
+that step (one forward for all of them) and the loop carries on; a row whose logits are not finite, or
+whose token cannot be streamed, fails alone.
+
+Numerics: a batch of M rows runs onnxruntime's M-row kernels. MatMulNBits with int8 compute
+(accuracy_level 4) and plain fp32 MatMul give each row exactly what it gets alone; MatMulNBits with
+fp32 compute (the default export's MLP) sums in a different order for M > 1 (differences ~1e-6 that the
+next int8-compute layer can round into another bucket), so a greedy stream in a batch can leave its
+one-at-a-time path at a near tie. Measured numbers: benchmarks/bench_ort_batching.py.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import queue
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends.base import FinishReason, SamplingParams, TokenChunk, TokenLogprob
+from backends.detok import StreamDecoder
+from backends.stream import TokenStream, token_logprob
+
+log = logging.getLogger(__name__)
+
+KV_BLOCK = 256
+"""The KV buffers' length grows in multiples of this many positions (fewer reallocations and copies)."""
+
+SAMPLING_EPS = 1e-5
+"""Temperatures below this are greedy (as on the torch path: dividing by ~0 overflows)."""
+
+NON_FINITE = (
+    "the model produced non-finite logits (NaN or inf) for this request, so no token could be chosen; "
+    "this request was dropped and the backend carries on"
+)
+
+_LIVE: weakref.WeakSet[OrtBatchRunner] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_runners() -> None:
+    """Join scheduler threads before the interpreter tears onnxruntime down under them."""
+    for runner in list(_LIVE):
+        runner.stop("the process is exiting")
+
+
+# ---- which graphs this runs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The names and shapes one decode step binds, read from genai_config.json and the graph."""
+
+    model_file: Path
+    input_ids: str
+    attention_mask: str
+    logits: str
+    past: tuple[tuple[str, str], ...]  # per layer: (past key, past value) input names
+    present: tuple[tuple[str, str], ...]  # per layer: (present key, present value) output names
+    kv_heads: int
+    head_size: int
+    kv_dtype: Any  # numpy dtype of the cache
+
+
+def batchable_graph(model_dir: Path) -> tuple[GraphSpec | None, str]:
+    """The graph spec when this export can be batched here, else (None, why not)."""
+    try:
+        config = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, f"genai_config.json unreadable ({exc})"
+    model_cfg = config.get("model", {})
+    decoder = model_cfg.get("decoder", {})
+    if model_cfg.get("type") == "decoder-pipeline":
+        return None, "a static-shape pipeline package (one stream at a time)"
+    if decoder.get("sliding_window"):
+        return None, "a sliding-window (static-shape) decoder"
+    if not config.get("search", {}).get("past_present_share_buffer"):
+        return None, "the export does not share its past/present KV buffer (not the fused graph)"
+    inputs, outputs = decoder.get("inputs", {}), decoder.get("outputs", {})
+    layers = int(decoder.get("num_hidden_layers") or 0)
+    try:
+        past = tuple((inputs["past_key_names"] % i, inputs["past_value_names"] % i) for i in range(layers))
+        present = tuple((outputs["present_key_names"] % i, outputs["present_value_names"] % i) for i in range(layers))
+        names = (inputs["input_ids"], inputs["attention_mask"], outputs["logits"])
+    except (KeyError, TypeError) as exc:
+        return None, f"genai_config.json lacks the decoder's input/output names ({exc})"
+    model_file = model_dir / str(decoder.get("filename") or "model.onnx")
+    if not layers or not model_file.is_file():
+        return None, "no single decoder graph"
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    if not any(n.op_type == "GroupQueryAttention" for n in graph.node):
+        return None, "the graph has no GroupQueryAttention (per-row lengths need it)"
+    graph_inputs = {i.name: i for i in graph.input}
+    expected = {names[0], names[1], *(n for pair in past for n in pair)}
+    if set(graph_inputs) != expected:
+        extra = sorted(set(graph_inputs) - expected)
+        return None, f"the graph's inputs are not the ones a decode step binds (extra: {extra})"
+    first = graph_inputs[past[0][0]].type.tensor_type
+    dims = [d.dim_value for d in first.shape.dim]
+    elem = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}.get(first.elem_type)
+    if elem is None or len(dims) != 4:
+        return None, "an unexpected KV cache layout or type"
+    kv_heads = int(decoder.get("num_key_value_heads") or dims[1])
+    head_size = int(decoder.get("head_size") or dims[3])
+    spec = GraphSpec(model_file, names[0], names[1], names[2], past, present, kv_heads, head_size, elem)
+    return spec, ""
+
+
+# ---- per-request state ------------------------------------------------------------------------------------
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Greedy as asked, or a temperature so small that sampling would only overflow."""
+    return params.is_greedy or params.temperature < SAMPLING_EPS
+
+
+@dataclass
+class Work:
+    """One request in flight: prompt, settings, token stream, output queue, and its row's state."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: TokenStream
+    eos_ids: frozenset[int] = frozenset()
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    rng: np.random.Generator | None = None
+    seen: np.ndarray | None = None  # [vocab] bool: tokens of prompt and output, for the repetition penalty
+    length: int = 0  # positions of this row in the KV cache
+    last: int = 0  # the token the next step feeds
+    done: bool = False
+    cancelled: bool = False  # set by `cancel`: chunks already queued are not delivered any more
+
+    def banned(self) -> list[int]:
+        """Tokens this row may not sample now: EOS under ignore_eos, EOS and stop ids before min_tokens."""
+        n, params = len(self.stream.generated), self.params
+        out = list(self.eos_ids) if params.ignore_eos or n < params.min_tokens else []
+        return out + list(params.stop_token_ids) if n < params.min_tokens else out
+
+
+def make_work(
+    request_id: str, prompt_ids: list[int], params: SamplingParams, eos_ids: frozenset[int], decoder: StreamDecoder
+) -> Work:
+    """The per-request state: its TokenStream and, when sampling, its own generator (seeded when asked)."""
+    stream = TokenStream(request_id, len(prompt_ids), params, eos_ids, decoder)
+    rng = None if is_greedy(params) else np.random.default_rng(params.seed)
+    return Work(request_id, list(prompt_ids), params, stream, eos_ids, rng=rng)
+
+
+def choose(logits: np.ndarray, w: Work) -> int | None:
+    """The row's next token from its last-position logits [vocab] under its own settings; None if not finite."""
+    params = w.params
+    row = logits
+    banned = [t for t in w.banned() if t < row.shape[-1]]
+    penalty = params.repetition_penalty
+    if banned or penalty != 1.0 or not is_greedy(params):
+        row = row.astype(np.float64)  # a copy: the raw logits stay intact for logprobs
+    if penalty != 1.0:
+        if w.seen is None:
+            w.seen = np.zeros(row.shape[-1], dtype=bool)
+            w.seen[[t for t in w.prompt_ids if t < row.shape[-1]]] = True
+        picked = row[w.seen]
+        row[w.seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    if banned:
+        row[banned] = -np.inf
+    top = row.max()
+    if not np.isfinite(top):
+        return None
+    if is_greedy(params):
+        return int(row.argmax())
+    assert w.rng is not None
+    row = row / params.temperature
+    k = params.top_k
+    candidates = np.argpartition(-row, k - 1)[:k] if 0 < k < row.shape[-1] else np.arange(row.shape[-1])
+    candidates = candidates[np.argsort(-row[candidates], kind="stable")]
+    probs = np.exp(row[candidates] - row[candidates[0]])
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        cumulative = np.cumsum(probs)
+        keep = min(int(np.searchsorted(cumulative, params.top_p)) + 1, len(probs))  # smallest prefix reaching top_p
+        probs = probs[:keep] / cumulative[keep - 1]
+        candidates = candidates[:keep]
+    draw = w.rng.random()
+    index = min(int(np.searchsorted(np.cumsum(probs), draw, side="right")), len(candidates) - 1)
+    return int(candidates[index])
+
+
+# ---- the KV cache of the running rows ---------------------------------------------------------------------
+
+
+class KVStore:
+    """One [rows, kv_heads, length, head_size] buffer per layer and kind; rows [0, n) are the running ones."""
+
+    def __init__(self, spec: GraphSpec) -> None:
+        self.spec = spec
+        self.rows = 0
+        self.length = 0
+        self.buffers: list[np.ndarray] = []  # layer-major: key0, value0, key1, value1, ...
+        self._views: dict[tuple[int, int], list[Any]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    def ensure(self, rows: int, length: int, used_rows: int) -> None:
+        """Room for `rows` rows of `length` positions, keeping the first `used_rows` rows' contents."""
+        if rows <= self.rows and length <= self.length:
+            return
+        new_rows = max(rows, self.rows * 2 if rows > self.rows else self.rows, 1)
+        new_length = max(self.length, -(-length // KV_BLOCK) * KV_BLOCK)
+        shape = (new_rows, self.spec.kv_heads, new_length, self.spec.head_size)
+        fresh = [np.zeros(shape, dtype=self.spec.kv_dtype) for _ in range(2 * len(self.spec.past))]
+        if used_rows and self.buffers:
+            for old, new in zip(self.buffers, fresh, strict=True):
+                new[:used_rows, :, : self.length] = old[:used_rows]
+        self.buffers, self.rows, self.length = fresh, new_rows, new_length
+        self._views.clear()
+        log.debug("KV buffers now %d rows x %d positions (%.1f MB)", new_rows, new_length, self.nbytes / 2**20)
+
+    def views(self, start: int, stop: int) -> list[Any]:
+        """OrtValues over rows [start, stop) of every buffer (no copy; the same memory is past and present)."""
+        key = (start, stop)
+        views = self._views.get(key)
+        if views is None:
+            from onnxruntime import OrtValue
+
+            views = [OrtValue.ortvalue_from_numpy(b[start:stop]) for b in self.buffers]
+            if start == 0:
+                self._views[key] = views
+        return views
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row `src`'s first `length` positions into row `dst`."""
+        for b in self.buffers:
+            b[dst, :, :length] = b[src, :, :length]
+
+    def release(self) -> None:
+        self.buffers, self.rows, self.length = [], 0, 0
+        self._views.clear()
+
+
+# ---- the scheduler thread ---------------------------------------------------------------------------------
+
+
+class OrtBatchRunner:
+    """Owns one onnxruntime session on the fused graph; runs every admitted request in shared decode steps."""
+
+    def __init__(self, session: Any, spec: GraphSpec, *, max_batch_size: int) -> None:
+        self.session = session
+        self.spec = spec
+        self.max_batch_size = max_batch_size  # what the engine admits at most; reported, not enforced here
+        self.kv = KVStore(spec)
+        self._incoming: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._known: dict[str, Work] = {}
+        self._cancel: set[str] = set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.rows: list[Work] = []
+        self.last_error = ""
+        self.steps = 0
+        self.peak_batch = 0
+
+    # ---- any thread ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="ort-batch-scheduler", daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, work: Work) -> None:
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the onnxruntime-genai backend is unloading; load it again before generating")
+            if work.request_id in self._known:
+                raise ValueError(f"request_id {work.request_id!r} is already generating; use a unique id")
+            self._known[work.request_id] = work
+        self._incoming.put(work)
+
+    def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            work = self._known.get(request_id)
+            if work is None:
+                return False
+            work.cancelled = True
+            self._cancel.add(request_id)
+        return True
+
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._known)
+
+    def stop(self, reason: str) -> None:
+        """Stop the thread and end every open stream with an error chunk naming `reason`."""
+        with self._lock:
+            self._stopping = True
+        self._incoming.put(None)
+        if self._thread is not None and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)
+        self._end_all(reason)
+        _LIVE.discard(self)
+
+    # ---- scheduler thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._admit()
+                if self._stopping:
+                    break
+                self._drop_cancelled()
+                if self.rows:
+                    self._step()
+                elif self.kv.rows:
+                    self.kv.release()  # nothing runs: give the cache's memory back
+        except Exception as e:  # a bug in the loop: end every stream with the reason rather than hang them
+            log.exception("onnxruntime batch scheduler crashed")
+            self.last_error = f"scheduler crashed: {e}"
+            with self._lock:
+                self._stopping = True
+            self._end_all(self.last_error)
+
+    def _end_all(self, reason: str) -> None:
+        with self._lock:
+            leftover = list(self._known.values())
+        for w in leftover:
+            self._end(w, "error", reason)
+        self.rows = []
+        self.kv.release()
+
+    def _admit(self) -> None:
+        """Prefill every request submitted since the last step (block while nothing runs)."""
+        block = not self.rows
+        while not self._stopping:
+            try:
+                w = self._incoming.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            if w is None:
+                return
+            if self._take_cancel(w.request_id):
+                self._end(w, "cancelled")
+                continue
+            self._prefill(w)
+
+    def _take_cancel(self, request_id: str) -> bool:
+        with self._lock:
+            if request_id in self._cancel:
+                self._cancel.discard(request_id)
+                return True
+        return False
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancel:
+            return
+        gone = [i for i, w in enumerate(self.rows) if self._take_cancel(w.request_id)]
+        for i in gone:
+            self._end(self.rows[i], "cancelled")
+        self._remove_rows(gone)
+
+    def _forward(self, input_ids: np.ndarray, mask: np.ndarray, kv: list[Any]) -> np.ndarray:
+        """One run of the graph with the cache bound in place; returns last-position logits [rows, vocab]."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.spec.input_ids, input_ids)
+        binding.bind_cpu_input(self.spec.attention_mask, mask)
+        binding.bind_output(self.spec.logits)
+        names = (n for pair in self.spec.past for n in pair)
+        outs = (n for pair in self.spec.present for n in pair)
+        for name, out, value in zip(names, outs, kv, strict=True):
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(out, value)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return logits[:, -1, :]
+
+    def _prefill(self, w: Work) -> None:
+        """Prefill one prompt alone into the next free row, stream its first token, and let it join."""
+        n, p = len(self.rows), len(w.prompt_ids)
+        try:
+            self.kv.ensure(n + 1, p + 1, n)
+            ids = np.asarray([w.prompt_ids], dtype=np.int64)
+            logits = self._forward(ids, np.ones((1, p), dtype=np.int64), self.kv.views(n, n + 1))[0]
+        except Exception as e:
+            log.warning("prefill of request %s failed", w.request_id, exc_info=e)
+            self._fail(w, f"onnxruntime failed on the prompt ({p} tokens): {e}")
+            return
+        w.length = p
+        if not self._accept(w, logits):
+            self.rows.append(w)
+            self.peak_batch = max(self.peak_batch, len(self.rows))
+
+    def _step(self) -> None:
+        rows = self.rows
+        n = len(rows)
+        lengths = np.fromiter((w.length for w in rows), dtype=np.int64, count=n)
+        width = int(lengths.max()) + 1
+        try:
+            self.kv.ensure(n, width, n)
+            ids = np.fromiter((w.last for w in rows), dtype=np.int64, count=n).reshape(n, 1)
+            mask = (np.arange(width, dtype=np.int64)[None, :] <= lengths[:, None]).astype(np.int64)
+            logits = self._forward(ids, mask, self.kv.views(0, n))
+        except Exception as e:  # one forward for all rows: they share the failure, the loop carries on
+            log.exception("decode step failed")
+            self.last_error = str(e)
+            for w in rows:
+                self._fail(w, f"a decode step with {n} sequences failed: {e}")
+            self.rows = []
+            return
+        self.steps += 1
+        finished = []
+        for i, w in enumerate(rows):
+            w.length += 1
+            if self._accept(w, logits[i]):
+                finished.append(i)
+        self._remove_rows(finished)
+
+    def _accept(self, w: Work, logits: np.ndarray) -> bool:
+        """Choose and stream the row's next token; True when the request is finished (or failed)."""
+        try:
+            token = choose(logits, w)
+            if token is None:
+                self._fail(w, NON_FINITE)
+                return True
+            logprob: TokenLogprob | None = None
+            if w.params.logprobs is not None:
+                logprob = token_logprob(logits, token, w.params.logprobs)
+            chunk = w.stream.push(token, logprob)
+        except Exception as e:  # e.g. the tokenizer cannot decode an id the model produced
+            log.warning("choosing or streaming a token failed for request %s: %s", w.request_id, e)
+            self._fail(w, f"choosing or streaming the next token failed: {e}; this request was dropped")
+            return True
+        if w.seen is not None and token < w.seen.shape[0]:
+            w.seen[token] = True
+        w.last = token
+        if chunk.finish_reason is not None:
+            self._finish(w, chunk)
+            return True
+        w.out.put(chunk)
+        return False
+
+    def _remove_rows(self, indices: list[int]) -> None:
+        """Drop rows; the last running row's cache moves into each hole, so rows [0, n) stay the running ones."""
+        for i in sorted(indices, reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                self.kv.move(last, i, self.rows[last].length)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+
+    def _fail(self, w: Work, msg: str) -> None:
+        self.last_error = msg
+        self._end(w, "error", msg)
+
+    def _end(self, w: Work, reason: FinishReason, error: str | None = None) -> None:
+        """Finish a request for a reason other than its own tokens: cancelled, or an error."""
+        if not w.done:
+            self._finish(w, w.stream.end(reason, error))
+
+    def _finish(self, w: Work, last: TokenChunk) -> None:
+        if w.done:
+            return
+        w.done = True
+        w.out.put(last)
+        with self._lock:
+            self._known.pop(w.request_id, None)
+            self._cancel.discard(w.request_id)
