@@ -1,0 +1,311 @@
+"""Continuous batching on the onnxruntime-genai CPU path (backends/ort_genai/batching.py), on tiny exports.
+
+The scheduler thread is held at its first forward until every request of a test is submitted, so requests
+really share decode steps (checked through `peak_batch`), and joins and cancels happen at chosen steps.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backends.base import BackendError, GenerationRequest, SamplingParams
+from backends.ort_genai import batching
+from backends.ort_genai.backend import OrtGenaiBackend
+from backends.ort_genai.providers import PROVIDERS
+
+PROMPTS = [
+    "The capital of France is",
+    "Hello, how are you today? I am fine, thank you very much. And you?",
+    "def main():\n    return",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Symbols: !?.,;:'\"()[]{}",
+    "Hi",
+]
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_model_factory, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """arch -> the tiny checkpoint's fp32 CPU export (the fused builder graph), built once per module."""
+    from plugin.convert import export
+
+    built: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in built:
+            home = tmp_path_factory.mktemp(f"home-{arch}")
+            built[arch] = export(str(tiny_model_factory(arch)), target="cpu", precision="fp32", home=home).path
+        return built[arch]
+
+    return make
+
+
+def load(folder: Path, **kw) -> OrtGenaiBackend:
+    b = OrtGenaiBackend(folder, device="cpu", **kw)
+    b.load()
+    return b
+
+
+def request(prompt: str, n: int = 24, rid: str | None = None, **kw) -> GenerationRequest:
+    extra = {"request_id": rid} if rid else {}
+    return GenerationRequest(prompt=prompt, sampling=SamplingParams(max_new_tokens=n, **kw), **extra)
+
+
+def tokens(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+class Gate:
+    """Holds the scheduler thread before its first forward; calls hooks before chosen forwards (by count)."""
+
+    def __init__(self, backend: OrtGenaiBackend, hooks: dict[int, Callable[[], None]] | None = None) -> None:
+        runner = backend._runner
+        assert runner is not None, backend.batching_reason
+        self.runner = runner
+        self.opened = threading.Event()
+        self.hooks = hooks or {}
+        self.calls = 0
+        forward = runner._forward
+
+        def gated(*args):
+            self.opened.wait(timeout=30)
+            self.calls += 1
+            hook = self.hooks.get(self.calls)
+            if hook is not None:
+                hook()
+            return forward(*args)
+
+        runner._forward = gated  # type: ignore[method-assign]
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+def run_together(backend: OrtGenaiBackend, requests: list[GenerationRequest]) -> list[list]:
+    """Submit every request while the scheduler is held, then read all streams: they share decode steps."""
+    gate = Gate(backend)
+    streams = [backend.generate(r) for r in requests]
+    gate.open()
+    out = [list(s) for s in streams]
+    assert gate.runner.peak_batch == len(requests)  # they really ran in one batch
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "phi3"])
+def test_batched_greedy_equals_one_at_a_time(arch: str, exports) -> None:
+    folder = exports(arch)
+    alone = load(folder, batching=False)
+    batched = load(folder)
+    assert batched._runner is not None and alone._runner is None
+    try:
+        reqs = [request(p, 24, ignore_eos=True) for p in PROMPTS]
+        assert len({len(batched.encode(r)) for r in reqs}) == len(reqs)  # prompts of different lengths
+        expected = [tokens(alone.generate(r)) for r in reqs]
+        got = run_together(batched, [request(p, 24, ignore_eos=True) for p in PROMPTS])
+        assert [tokens(c) for c in got] == expected
+        assert all(c[-1].finish_reason == "length" for c in got)
+        assert len({tuple(e) for e in expected}) > 1  # the prompts really lead to different outputs
+    finally:
+        alone.unload()
+        batched.unload()
+
+
+def test_joining_and_cancelled_requests_leave_the_others_unchanged(exports) -> None:
+    folder = exports("llama")
+    alone = load(folder, batching=False)
+    b = load(folder)
+    try:
+        expected = {i: tokens(alone.generate(request(PROMPTS[i], 40, ignore_eos=True))) for i in range(3)}
+        late: list = []
+        gate = Gate(
+            b,
+            {
+                6: lambda: late.append(b.generate(request(PROMPTS[2], 40, ignore_eos=True))),  # joins mid-flight
+                12: lambda: b.cancel("victim"),  # leaves mid-flight
+            },
+        )
+        first = b.generate(request(PROMPTS[0], 40, ignore_eos=True))
+        victim = b.generate(request(PROMPTS[1], 40, rid="victim", ignore_eos=True))
+        gate.open()
+        first_chunks = list(first)
+        victim_chunks = list(victim)
+        late_chunks = list(late[0])
+        assert tokens(first_chunks) == expected[0]
+        assert tokens(late_chunks) == expected[2]
+        assert victim_chunks[-1].finish_reason == "cancelled"
+        assert tokens(victim_chunks) == expected[1][: len(tokens(victim_chunks))] and len(tokens(victim_chunks)) < 40
+        assert gate.runner.peak_batch == 3
+        assert b.health().active_requests == 0 and b.health().healthy
+    finally:
+        alone.unload()
+        b.unload()
+
+
+def test_per_request_sampling_in_one_batch(exports) -> None:
+    folder = exports("llama")
+    b = load(folder)
+    try:
+        sampled = {"temperature": 1.0, "top_p": 0.95, "top_k": 50}
+        alone_seed7 = tokens(b.generate(request(PROMPTS[0], 24, seed=7, **sampled)))
+        greedy = tokens(b.generate(request(PROMPTS[0], 24)))
+        full = "".join(c.text for c in b.generate(request(PROMPTS[2], 40, seed=3, temperature=1.0)))
+        pieces = (full[i : i + 2] for i in range(3, len(full) - 2))
+        stop = next(p for p in pieces if p.strip() and "\ufffd" not in p)
+        got = run_together(
+            b,
+            [
+                request(PROMPTS[0], 24, seed=7, **sampled),
+                request(PROMPTS[0], 24, seed=8, **sampled),
+                request(PROMPTS[0], 24),
+                request(PROMPTS[0], 24, seed=9, temperature=1.0, top_k=1),  # top-k 1 is greedy
+                request(PROMPTS[2], 40, seed=3, temperature=1.0, stop=(stop,)),
+                request(PROMPTS[1], 6, ignore_eos=True),
+            ],
+        )
+        assert tokens(got[0]) == alone_seed7  # a seed's draws do not depend on what shares the batch
+        assert tokens(got[1]) != alone_seed7
+        assert tokens(got[2]) == greedy and tokens(got[3]) == greedy[: len(tokens(got[3]))]
+        assert "".join(c.text for c in got[4]) == full[: full.index(stop)] and got[4][-1].finish_reason == "stop"
+        assert len(tokens(got[5])) == 6 and got[5][-1].finish_reason == "length"
+    finally:
+        b.unload()
+
+
+def test_logprobs_in_a_batch_equal_alone(exports) -> None:
+    folder = exports("llama")
+    alone = load(folder, batching=False)
+    b = load(folder)
+    try:
+        want = [c.logprobs[0] for c in alone.generate(request(PROMPTS[1], 8, logprobs=3)) if c.token_ids]
+        got = run_together(b, [request(PROMPTS[1], 8, logprobs=3), request(PROMPTS[0], 8)])
+        lps = [c.logprobs[0] for c in got[0] if c.token_ids]
+        assert [lp.token_id for lp in lps] == [lp.token_id for lp in want]
+        assert np.allclose([lp.logprob for lp in lps], [lp.logprob for lp in want], atol=1e-4)
+        assert [[t for t, _ in lp.top] for lp in lps] == [[t for t, _ in lp.top] for lp in want]
+    finally:
+        alone.unload()
+        b.unload()
+
+
+def test_rows_leaving_in_any_order_keep_the_cache_of_the_others(exports) -> None:
+    """Short and long requests interleaved: rows leave from the middle, the last row's cache moves into the hole."""
+    folder = exports("qwen2")
+    alone = load(folder, batching=False)
+    b = load(folder, max_batch_size=8)
+    try:
+        lengths = [5, 30, 9, 30, 2, 17, 30, 11]
+        reqs = [request(PROMPTS[i % len(PROMPTS)], n, ignore_eos=True) for i, n in enumerate(lengths)]
+        expected = [tokens(alone.generate(r)) for r in reqs]
+        got = run_together(b, [request(PROMPTS[i % len(PROMPTS)], n, ignore_eos=True) for i, n in enumerate(lengths)])
+        assert [tokens(c) for c in got] == expected
+        assert b.capabilities().max_batch_size == 8
+    finally:
+        alone.unload()
+        b.unload()
+
+
+def test_cancel_before_prefill_and_closing_the_stream(exports) -> None:
+    b = load(exports("llama"))
+    try:
+        gate = Gate(b)
+        running = b.generate(request(PROMPTS[0], 200, ignore_eos=True))
+        queued = b.generate(request(PROMPTS[1], 200, rid="queued", ignore_eos=True))
+        assert b.cancel("queued")
+        gate.open()
+        assert [c.finish_reason for c in queued] == ["cancelled"]
+        first = next(running)
+        assert first.token_ids
+        running.close()  # the caller stops reading: its row is freed
+        for _ in range(100):
+            if gate.runner.active_count() == 0:
+                break
+            threading.Event().wait(0.02)
+        assert gate.runner.active_count() == 0 and b.health().active_requests == 0
+        assert not b.cancel("queued")
+    finally:
+        b.unload()
+
+
+def test_a_failing_decode_step_fails_its_rows_and_the_runner_carries_on(exports) -> None:
+    b = load(exports("llama"))
+    try:
+        calls = {"n": 0}
+        runner = b._runner
+        assert runner is not None
+        forward = runner._forward
+
+        def flaky(ids, mask, kv):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise RuntimeError("injected failure")
+            return forward(ids, mask, kv)
+
+        runner._forward = flaky  # type: ignore[method-assign]
+        chunks = list(b.generate(request(PROMPTS[0], 20, ignore_eos=True)))
+        assert chunks[-1].finish_reason == "error" and "injected failure" in (chunks[-1].error or "")
+        after = list(b.generate(request(PROMPTS[0], 5, ignore_eos=True)))
+        assert after[-1].finish_reason == "length" and b.health().healthy
+    finally:
+        b.unload()
+
+
+def test_what_is_not_batched_says_why(exports, tmp_path: Path) -> None:
+    folder = exports("llama")
+    assert batching.batchable_graph(folder)[0] is not None
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "genai_config.json").write_text(json.dumps({"model": {"type": "decoder-pipeline"}}))
+    spec, why = batching.batchable_graph(pipeline)
+    assert spec is None and "one stream at a time" in why
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["search"]["past_present_share_buffer"] = False
+    unshared = tmp_path / "unshared"
+    unshared.mkdir()
+    (unshared / "genai_config.json").write_text(json.dumps(config))
+    assert "share" in batching.batchable_graph(unshared)[1]
+    b = load(folder, batching=False)
+    try:
+        assert b._runner is None and "batching=False" in b.batching_reason
+        assert b.capabilities().max_batch_size == 4
+    finally:
+        b.unload()
+    with pytest.raises(BackendError, match="cannot be batched"):  # asked for, on a provider that cannot
+        OrtGenaiBackend(folder, device="cpu", batching=True)._batch_runner(PROVIDERS["qnn"])
+
+
+# ---- token choice, row by row ------------------------------------------------------------------------------
+
+
+def work(**params) -> batching.Work:
+    return batching.make_work("r", [5, 6], SamplingParams(max_new_tokens=8, **params), frozenset({0}), _NoDecoder())
+
+
+class _NoDecoder:
+    def add(self, token: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
+def test_choose_respects_each_rows_settings() -> None:
+    logits = np.array([9.0, 1.0, 2.0, 3.0, 4.0, 0.5, 8.0, -1.0], dtype=np.float32)
+    assert batching.choose(logits, work()) == 0
+    assert batching.choose(logits, work(min_tokens=2)) == 6  # EOS (0) banned before min_tokens
+    assert batching.choose(logits, work(ignore_eos=True)) == 6
+    penalised = work(repetition_penalty=10.0)
+    penalised.prompt_ids = [0]  # the best token was already seen: a strong penalty moves the choice
+    assert batching.choose(logits, penalised) == 6
+    top2 = work(temperature=5.0, top_k=2, seed=1)
+    assert {batching.choose(logits, top2) for _ in range(200)} == {0, 6}
+    nucleus = work(temperature=1.0, top_p=0.5, seed=1)  # token 0 alone holds > half the mass
+    assert {batching.choose(logits, nucleus) for _ in range(50)} == {0}
+    hot = work(temperature=100.0, seed=2)
+    assert len({batching.choose(logits, hot) for _ in range(400)}) == len(logits)
+    assert batching.choose(np.full(8, np.nan, dtype=np.float32), work()) is None
+    a, b = work(temperature=1.0, seed=4), work(temperature=1.0, seed=4)
+    assert [batching.choose(logits, a) for _ in range(20)] == [batching.choose(logits, b) for _ in range(20)]
