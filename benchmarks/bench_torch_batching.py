@@ -219,7 +219,6 @@ def poison_check(backend: TorchBackend, prompts: list[list[dict]], reference: li
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One repeat of every measurement for the implementation importable now (this checkout or --src)."""
-    import backends.torch.backend as impl
     from plugin.models.resolve import resolve_model
 
     counts = [int(n) for n in args.streams.split(",")]
@@ -235,7 +234,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     run_plain(backend, one_ids, 8)  # warm-up (allocator, kernels, lazy init)
     run_backend(backend, prompts[: max(counts)], 8, args.sampling)
     out: dict[str, Any] = {
-        "source": str(Path(impl.__file__).resolve().parents[2]),
+        "source": "baseline" if args.src else "this checkout",
         "provider": caps.provider,
         "device": caps.device,
         "precision": caps.precision,
@@ -384,7 +383,7 @@ def main() -> None:
         "streams": [int(n) for n in counts],
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
-        "implementations": impls,
+        "implementations": {name: ("--baseline-src" if src else "this checkout") for name, src in impls.items()},
         "greedy_ids_identical": same_ids,
         "medians": med,
         "runs": runs,
