@@ -234,6 +234,7 @@ class KVStore:
         self.length = 0
         self.buffers: list[np.ndarray] = []  # layer-major: key0, value0, key1, value1, ...
         self._views: dict[tuple[int, int], list[Any]] = {}
+        self.bindings: dict[int, Any] = {}  # rows -> an io_binding with rows [0, rows) of the cache bound
 
     @property
     def nbytes(self) -> int:
@@ -252,6 +253,7 @@ class KVStore:
                 new[:used_rows, :, : self.length] = old[:used_rows]
         self.buffers, self.rows, self.length = fresh, new_rows, new_length
         self._views.clear()
+        self.bindings.clear()
         log.debug("KV buffers now %d rows x %d positions (%.1f MB)", new_rows, new_length, self.nbytes / 2**20)
 
     def views(self, start: int, stop: int) -> list[Any]:
@@ -274,6 +276,7 @@ class KVStore:
     def release(self) -> None:
         self.buffers, self.rows, self.length = [], 0, 0
         self._views.clear()
+        self.bindings.clear()
 
 
 # ---- the scheduler thread ---------------------------------------------------------------------------------
@@ -398,17 +401,31 @@ class OrtBatchRunner:
             self._end(self.rows[i], "cancelled")
         self._remove_rows(gone)
 
-    def _forward(self, input_ids: np.ndarray, mask: np.ndarray, kv: list[Any]) -> np.ndarray:
-        """One run of the graph with the cache bound in place; returns last-position logits [rows, vocab]."""
+    def _bind(self, kv: list[Any]) -> Any:
         binding = self.session.io_binding()
-        binding.bind_cpu_input(self.spec.input_ids, input_ids)
-        binding.bind_cpu_input(self.spec.attention_mask, mask)
-        binding.bind_output(self.spec.logits)
+        binding.bind_output(self.spec.logits)  # the first output: get_outputs()[0]
         names = (n for pair in self.spec.past for n in pair)
         outs = (n for pair in self.spec.present for n in pair)
         for name, out, value in zip(names, outs, kv, strict=True):
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(out, value)
+        return binding
+
+    def _forward(self, input_ids: np.ndarray, mask: np.ndarray, kv: list[Any]) -> np.ndarray:
+        """One run of the graph with the cache bound in place; returns last-position logits [rows, vocab].
+
+        The cache's bindings for rows [0, n) are kept while the buffers stay (a step rebinds two inputs)."""
+        rows = input_ids.shape[0]
+        binding = self.kv.bindings.get(rows) if kv is self.kv.views(0, rows) else None
+        if binding is None:
+            binding = self._bind(kv)
+            if kv is self.kv.views(0, rows):
+                self.kv.bindings[rows] = binding
+        from onnxruntime import OrtValue
+
+        feeds = (OrtValue.ortvalue_from_numpy(input_ids), OrtValue.ortvalue_from_numpy(mask))
+        binding.bind_ortvalue_input(self.spec.input_ids, feeds[0])
+        binding.bind_ortvalue_input(self.spec.attention_mask, feeds[1])
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
         return logits[:, -1, :]

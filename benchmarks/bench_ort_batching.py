@@ -1,0 +1,376 @@
+"""Concurrent streams on the onnxruntime-genai CPU path: shared decode steps vs one generator per request vs og.Engine.
+
+    python benchmarks/bench_ort_batching.py                    # the default model's int4 CPU export (the serving one)
+    python benchmarks/bench_ort_batching.py --model tiny       # a tiny random llama (seconds, a smoke run)
+    python benchmarks/bench_ort_batching.py --streams 1 4 8 16 --repeats 5 --max-new-tokens 64
+
+For each stream count N, N chat requests (different prompts, so different lengths; greedy; EOS ignored so
+every stream makes exactly --max-new-tokens tokens) run at once through:
+- "generators": OrtGenaiBackend(batching=False), one og.Generator per request side by side (the old path);
+- "batched":    OrtGenaiBackend(), continuous batching on the same graph (backends/ort_genai/batching.py);
+- "og.Engine":  onnxruntime-genai's own engine. On the serving export it cannot run (its static path reads
+                full-sequence logits, the export's lm_head is pruned to the last position): the error is
+                recorded. It is measured on a copy of the export with the full lm_head instead.
+Aggregate tok/s = all tokens / wall time (prefill included). TPOT = a stream's (last - first token time) /
+(tokens - 1), p50/p95 over streams. Runs alternate strategies round-robin (the order rotates per repeat)
+with a short pause between runs; medians (min-max) are reported, and the ratio to "generators" of the same
+stream count. Correctness: each stream's tokens against that prompt alone on one generator (greedy); the
+first position where a stream leaves it is recorded. With --int8-compute, also a copy of the export whose
+MatMulNBits all use int8 compute (accuracy level 4), the kernels that give a row the same numbers whatever
+else is in the batch. Writes benchmarks/results/ort_batching.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backends.base import GenerationRequest, SamplingParams  # noqa: E402
+from backends.ort_genai.backend import OrtGenaiBackend  # noqa: E402
+from benchmarks.common import QUESTIONS, busy_note, machine_info, percentile, summarize, write_json  # noqa: E402
+
+log = logging.getLogger("bench_ort_batching")
+
+PAUSE_S = 0.5
+"""Between runs, so one strategy's spinning onnxruntime threads do not slow the next."""
+
+Run = tuple[float, list[list[int]], list[float]]
+"""(aggregate tok/s, each stream's tokens, each stream's TPOT in seconds)"""
+
+
+def resolve_model(model: str) -> Path:
+    """An exported folder: given directly, the tiny llama exported to fp32, or a reference exported to CPU int4."""
+    folder = Path(model)
+    if (folder / "genai_config.json").is_file():
+        return folder
+    from plugin.convert import export
+
+    if model == "tiny":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_models import build_tiny_model
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-ort-batching-"))
+        source = build_tiny_model(tmp / "tiny-llama", "llama")
+        return export(str(source), target="cpu", precision="fp32", home=tmp / "home").path
+    return export(model, target="cpu", precision="int4").path
+
+
+def variant(folder: Path, out: Path, edit: Callable[[Any], str]) -> tuple[Path | None, str]:
+    """A copy of the export with its graph edited by `edit` (which returns what it changed, '' for nothing)."""
+    import onnx
+
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    what = edit(proto.graph)
+    if not what:
+        return None, "nothing to change"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.name != "model.onnx" and f.is_file():
+            shutil.copy2(f, out / f.name)  # onnxruntime refuses external data outside the model's folder
+    onnx.save(proto, str(out / "model.onnx"))
+    return out, what
+
+
+def unprune_lm_head(graph: Any) -> str:
+    """Feed lm_head every position again (the builder's `prune_lm_head` gathers the last one)."""
+    prune = [n for n in graph.node if n.name.startswith("/lm_head/prune/")]
+    if not prune:
+        return ""
+    gathered = prune[-1].output[0]
+    source = next(n for n in prune if n.op_type == "Gather").input[0]
+    kept = [n for n in graph.node if not n.name.startswith("/lm_head/prune/")]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name == gathered:
+                node.input[i] = source
+    del graph.node[:]
+    graph.node.extend(kept)
+    dim = next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim[1]
+    dim.ClearField("dim_value")
+    dim.dim_param = "sequence_length"
+    return "lm_head on every position"
+
+
+def int8_compute(graph: Any) -> str:
+    changed = 0
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level" and attr.i != 4:
+                    attr.i, changed = 4, changed + 1
+    return f"{changed} MatMulNBits at int8 compute" if changed else ""
+
+
+def chat(text: str, max_new: int) -> GenerationRequest:
+    return GenerationRequest(
+        messages=[{"role": "user", "content": text}], sampling=SamplingParams(max_new_tokens=max_new, ignore_eos=True)
+    )
+
+
+def tpot(stamps: list[float]) -> float:
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+
+
+def through_backend(backend: OrtGenaiBackend, prompts: list[str], max_new: int) -> Run:
+    """N requests at once, one reader thread each."""
+    outs: list[list[int]] = [[] for _ in prompts]
+    stamps: list[list[float]] = [[] for _ in prompts]
+    errors: list[str] = []
+    start_line = threading.Barrier(len(prompts) + 1)
+
+    def work(i: int) -> None:
+        request = chat(prompts[i], max_new)
+        start_line.wait()
+        for chunk in backend.generate(request):
+            if chunk.error:
+                errors.append(chunk.error)
+            if chunk.token_ids:
+                outs[i].extend(chunk.token_ids)
+                stamps[i].append(time.perf_counter())
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    start_line.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"a stream failed: {errors[0]}")
+    return sum(map(len, outs)) / elapsed, outs, [tpot(s) for s in stamps]
+
+
+def through_engine(model: Any, prompt_ids: list[list[int]], max_new: int) -> Run:
+    """og.Engine with every request submitted at once (its run loop is the one thread)."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    engine = og.Engine(model)
+    buffer = engine.create_event_buffer(64)
+    requests = []
+    for ids in prompt_ids:
+        request = engine.create_request()
+        options = og.TurnOptions(request)
+        options.set_max_generated_tokens(max_new)
+        options.set_min_generated_tokens(max_new)
+        options.set_do_sample(False)
+        request.begin_turn(np.asarray(ids, dtype=np.int32), options)
+        requests.append(request)
+    outs: list[list[int]] = [[] for _ in prompt_ids]
+    stamps: list[list[float]] = [[] for _ in prompt_ids]
+    failures: list[str] = []
+    start = time.perf_counter()
+    try:
+        while engine.has_pending_requests():
+            for event in engine.run(buffer):
+                i = next(k for k, r in enumerate(requests) if r is event.request)
+                if event.flags.value & og.EngineEventFlags.TOKEN.value:
+                    outs[i].append(int(event.token))
+                    stamps[i].append(time.perf_counter())
+                if event.flags.value & og.EngineEventFlags.FAILED.value:
+                    failures.append(str(event.error_code))
+    finally:
+        for request in requests:
+            request.close()
+    elapsed = time.perf_counter() - start
+    if failures:
+        try:  # a failed static step leaves the engine unhealthy; its next call says why
+            engine.create_request()
+            cause = ""
+        except Exception as exc:
+            cause = f": {exc}"
+        raise RuntimeError(f"{len(failures)} of {len(prompt_ids)} requests failed ({failures[0]}){cause}")
+    return sum(map(len, outs)) / elapsed, outs, [tpot(s) for s in stamps]
+
+
+def diverges_at(got: list[int], want: list[int]) -> int | None:
+    """The first position where `got` leaves `want` (None: identical)."""
+    for i, (a, b) in enumerate(zip(got, want, strict=False)):
+        if a != b:
+            return i
+    return None if len(got) == len(want) else min(len(got), len(want))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", help="'default', 'tiny', a model reference, or an export folder")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-engine", action="store_true", help="skip og.Engine (and the unpruned copy it needs)")
+    parser.add_argument(
+        "--int8-compute", action="store_true", help="also a copy with every MatMulNBits at int8 compute"
+    )
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "ort_batching.json")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.max_new_tokens < 2 or min(args.streams) < 1:
+        parser.error("--repeats >= 1, --max-new-tokens >= 2 and stream counts >= 1")
+    logging.basicConfig(level=logging.WARNING)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    info = machine_info()
+    folder = resolve_model(args.model)
+    prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(max(args.streams))]
+    max_streams = max(args.streams)
+    generators = OrtGenaiBackend(folder, device="cpu", batching=False, max_batch_size=max_streams)
+    generators.load()
+    batched = OrtGenaiBackend(folder, device="cpu", max_batch_size=max_streams)
+    batched.load()
+    prompt_ids = [generators.encode(chat(p, args.max_new_tokens)) for p in prompts]
+    console.print(f"{folder.name}: prompts of {sorted(set(map(len, prompt_ids)))} tokens; {batched.batching_reason}")
+    alone = [through_backend(generators, [p], args.max_new_tokens)[1][0] for p in prompts]
+
+    strategies: dict[str, Callable[[int], Run]] = {
+        "generators": lambda n: through_backend(generators, prompts[:n], args.max_new_tokens),
+        "batched": lambda n: through_backend(batched, prompts[:n], args.max_new_tokens),
+    }
+    notes: dict[str, str] = {"batched": batched.batching_reason}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ort-batching-"))
+    engine_models: list[Any] = []
+    if not args.no_engine:
+        try:
+            through_engine(generators._model, prompt_ids[:1], 4)
+            notes["og.Engine on the serving export"] = "ran"
+        except Exception as exc:
+            notes["og.Engine on the serving export"] = f"fails: {exc}".replace("\n", " ")
+        copy, what = variant(folder, tmp / "full-lm-head", unprune_lm_head)
+        if copy is not None:
+            import onnxruntime_genai as og
+
+            from backends.ort_genai.providers import PROVIDERS, build_config
+
+            engine_models.append(og.Model(build_config(copy, PROVIDERS["cpu"])))
+            strategies["og.Engine (full lm_head copy)"] = lambda n: through_engine(
+                engine_models[0], prompt_ids[:n], args.max_new_tokens
+            )
+            notes["og.Engine (full lm_head copy)"] = f"a copy of the export with {what}"
+    int8_backends: list[OrtGenaiBackend] = []
+    if args.int8_compute:
+        copy, what = variant(folder, tmp / "int8-compute", int8_compute)
+        if copy is not None:
+            for batching in (False, None):
+                b = OrtGenaiBackend(copy, device="cpu", batching=batching, max_batch_size=max_streams)
+                b.load()
+                int8_backends.append(b)
+            int8_alone = [through_backend(int8_backends[0], [p], args.max_new_tokens)[1][0] for p in prompts]
+            strategies["batched, int8-compute copy"] = lambda n: through_backend(
+                int8_backends[1], prompts[:n], args.max_new_tokens
+            )
+            notes["batched, int8-compute copy"] = f"a copy of the export with {what}; compared with it alone"
+
+    load_before = list(os.getloadavg())
+    runs: dict[str, dict[int, list[Run]]] = {name: {n: [] for n in args.streams} for name in strategies}
+    failed: dict[str, dict[int, str]] = {name: {} for name in strategies}
+    names = list(strategies)
+    for rep in range(args.repeats + 1):  # the first round warms up and is not counted
+        for n in args.streams:
+            for k in range(len(names)):
+                name = names[(k + rep) % len(names)]
+                if n in failed[name]:
+                    continue
+                try:
+                    result = strategies[name](n)
+                except Exception as exc:
+                    failed[name][n] = str(exc).replace("\n", " ")
+                    continue
+                if rep:
+                    runs[name][n].append(result)
+                time.sleep(PAUSE_S)
+        console.print(f"round {rep}/{args.repeats} done (load {os.getloadavg()[0]:.2f})")
+    load_after = list(os.getloadavg())
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name in names:
+        reference = int8_alone if name.startswith("batched, int8") else alone
+        per_n: dict[str, Any] = {}
+        for n in args.streams:
+            if n in failed[name]:
+                per_n[str(n)] = {"error": failed[name][n]}
+                continue
+            rates = [r[0] for r in runs[name][n]]
+            tpots = [t for r in runs[name][n] for t in r[2]]
+            last = runs[name][n][-1][1]
+            divergence = [diverges_at(got, want) for got, want in zip(last, reference, strict=False)]
+            per_n[str(n)] = {
+                "aggregate_tok_s": summarize(rates),
+                "aggregate_runs": rates,
+                "tpot_ms_p50": percentile(tpots, 50) * 1000,
+                "tpot_ms_p95": percentile(tpots, 95) * 1000,
+                "streams_equal_alone": sum(d is None for d in divergence),
+                "first_divergence": divergence,
+            }
+        rows[name] = per_n
+    for name in names:
+        for n in args.streams:
+            base = rows["generators"][str(n)].get("aggregate_tok_s")
+            row = rows[name][str(n)]
+            if "aggregate_tok_s" in row and base is not None:
+                row["vs_generators"] = row["aggregate_tok_s"].median / base.median
+
+    table = Table(title=f"{args.max_new_tokens} new tokens per stream, greedy; medians (min-max) of {args.repeats}")
+    for col in ("streams", "strategy", "aggregate tok/s", "vs generators", "TPOT ms p50 / p95", "streams = alone"):
+        table.add_column(col)
+    for n in args.streams:
+        for name in names:
+            row = rows[name][str(n)]
+            if "error" in row:
+                table.add_row(str(n), name, f"failed: {row['error'][:80]}", "-", "-", "-")
+                continue
+            table.add_row(
+                str(n),
+                name,
+                row["aggregate_tok_s"].fmt(1),
+                f"{row['vs_generators']:.2f}x",
+                f"{row['tpot_ms_p50']:.1f} / {row['tpot_ms_p95']:.1f}",
+                f"{row['streams_equal_alone']}/{n}"
+                + "".join(
+                    f" (others leave it at token {sorted(d for d in row['first_divergence'] if d is not None)})"
+                    for _ in [0]
+                    if row["streams_equal_alone"] < n
+                ),
+            )
+    console.print(table)
+    for name, note in notes.items():
+        console.print(f"{name}: {note}")
+    note = busy_note()
+    if note:
+        console.print(f"[yellow]{note}[/yellow]")
+    console.print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    result = {
+        "model": args.model,
+        "export": folder.name,
+        "max_new_tokens": args.max_new_tokens,
+        "repeats": args.repeats,
+        "prompt_tokens": [len(p) for p in prompt_ids],
+        "strategies": rows,
+        "notes": notes,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "machine": info,
+        "busy": note,
+    }
+    path = write_json(args.output, result)
+    console.print(f"wrote {path}")
+    for b in (generators, batched, *int8_backends):
+        b.unload()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
