@@ -204,6 +204,13 @@ def diverges_at(got: list[int], want: list[int]) -> int | None:
     return None if len(got) == len(want) else min(len(got), len(want))
 
 
+def equal_note(divergence: list[int | None]) -> str:
+    """'6/8 (the others leave it at tokens [11, 24])'."""
+    left = sorted(d for d in divergence if d is not None)
+    note = f"{len(divergence) - len(left)}/{len(divergence)}"
+    return note + (f" (the others leave it at tokens {left})" if left else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="'default', 'tiny', a model reference, or an export folder")
@@ -337,12 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["aggregate_tok_s"].fmt(1),
                 f"{row['vs_generators']:.2f}x",
                 f"{row['tpot_ms_p50']:.1f} / {row['tpot_ms_p95']:.1f}",
-                f"{row['streams_equal_alone']}/{n}"
-                + "".join(
-                    f" (others leave it at token {sorted(d for d in row['first_divergence'] if d is not None)})"
-                    for _ in [0]
-                    if row["streams_equal_alone"] < n
-                ),
+                equal_note(row["first_divergence"]),
             )
     console.print(table)
     for name, note in notes.items():

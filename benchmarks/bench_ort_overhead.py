@@ -74,10 +74,18 @@ def decode_rate(stamps: list[float]) -> float:
 
 
 def bare_loop(backend: OrtGenaiBackend, ids: list[int], max_new: int) -> tuple[float, list[int]]:
-    """The plain onnxruntime-genai streaming loop on the backend's own model."""
+    """The plain onnxruntime-genai streaming loop on the backend's own model (a batched backend keeps none:
+    an og.Model of the same folder and threads is loaded once for the loop)."""
     import onnxruntime_genai as og
 
     model = backend._model
+    if model is None:
+        from backends.ort_genai.providers import PROVIDERS, build_config
+
+        model = getattr(backend, "_bare_model", None)
+        if model is None:
+            model = og.Model(build_config(backend.model_dir, PROVIDERS["cpu"], backend.num_threads))
+            backend._bare_model = model  # type: ignore[attr-defined]
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + max_new, do_sample=False)
     generator = og.Generator(model, params)
@@ -173,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     folder = resolve_model(args.model, args.target, args.precision)
-    backend = OrtGenaiBackend(folder, device=args.target, simulated=args.target != "cpu", num_threads=args.threads)
+    # One generator per request: the path this benchmark measures against the bare loop (and og.Engine).
+    backend = OrtGenaiBackend(
+        folder, device=args.target, simulated=args.target != "cpu", num_threads=args.threads, batching=False
+    )
     backend.load()
     caps = backend.capabilities()
     request = chat(CONCURRENT_PROMPTS[0], args.max_new_tokens)
