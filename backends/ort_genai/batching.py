@@ -20,8 +20,8 @@ step with a right-padded mask and nothing else:
   together: the pruned lm_head has no logits for a shorter prompt's last token in a padded batch;
 - a finished or cancelled row leaves at once: the last row's used cache moves into its place, so the
   running rows stay rows [0, n) and each step binds views of the buffers (no copy per step);
-- the buffers grow (rows doubling, length in blocks of KV_BLOCK) when a joining request or a longer
-  sequence needs it, and are dropped when no request runs;
+- the buffers grow (rows doubling, length by a quarter or more, in blocks of KV_BLOCK) when a joining
+  request or a longer sequence needs it, and are dropped when no request runs;
 - each row chooses its token on the host from its own logits: its own greedy/temperature/top-k/top-p,
   repetition penalty over prompt and output, EOS banned before min_tokens, and its own seeded
   numpy Generator, so what shares the batch never changes a sampled row's draws;
@@ -58,8 +58,9 @@ from backends.stream import TokenStream, token_logprob
 
 log = logging.getLogger(__name__)
 
-KV_BLOCK = 256
-"""The KV buffers' length grows in multiples of this many positions (fewer reallocations and copies)."""
+KV_BLOCK = 64
+"""The KV buffers' length is a multiple of this many positions; it grows by at least a quarter each time, so a
+long generation reallocates (and copies the running rows) a logarithmic number of times."""
 
 SAMPLING_EPS = 1e-5
 """Temperatures below this are greedy (as on the torch path: dividing by ~0 overflows)."""
@@ -245,6 +246,8 @@ class KVStore:
         if rows <= self.rows and length <= self.length:
             return
         new_rows = max(rows, self.rows * 2 if rows > self.rows else self.rows, 1)
+        if length > self.length:
+            length = max(length, self.length + self.length // 4)
         new_length = max(self.length, -(-length // KV_BLOCK) * KV_BLOCK)
         shape = (new_rows, self.spec.kv_heads, new_length, self.spec.head_size)
         fresh = [np.zeros(shape, dtype=self.spec.kv_dtype) for _ in range(2 * len(self.spec.past))]
