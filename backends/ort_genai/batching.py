@@ -350,14 +350,14 @@ class OrtBatchRunner:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                if not self.rows and self.kv.rows:
+                    self.kv.release()  # nothing runs: give the cache's memory back before waiting
                 self._admit()
                 if self._stopping:
                     break
                 self._drop_cancelled()
                 if self.rows:
                     self._step()
-                elif self.kv.rows:
-                    self.kv.release()  # nothing runs: give the cache's memory back
         except Exception as e:  # a bug in the loop: end every stream with the reason rather than hang them
             log.exception("onnxruntime batch scheduler crashed")
             self.last_error = f"scheduler crashed: {e}"
@@ -418,11 +418,12 @@ class OrtBatchRunner:
         """One run of the graph with the cache bound in place; returns last-position logits [rows, vocab].
 
         The cache's bindings for rows [0, n) are kept while the buffers stay (a step rebinds two inputs)."""
-        rows = input_ids.shape[0]
-        binding = self.kv.bindings.get(rows) if kv is self.kv.views(0, rows) else None
+        rows, step = input_ids.shape[0], input_ids.shape[1] == 1
+        reuse = step and kv is self.kv.views(0, rows)  # a prefill's logits may have another shape: fresh binding
+        binding = self.kv.bindings.get(rows) if reuse else None
         if binding is None:
             binding = self._bind(kv)
-            if kv is self.kv.views(0, rows):
+            if reuse:
                 self.kv.bindings[rows] = binding
         from onnxruntime import OrtValue
 
