@@ -249,6 +249,46 @@ def serving_section(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def ort_batching_section(d: dict[str, Any]) -> list[str]:
+    """benchmarks/bench_ort_batching.py: concurrent streams on the onnxruntime-genai CPU path, per strategy."""
+    strategies: dict[str, dict[str, Any]] = d.get("strategies", {})
+    counts = sorted({int(n) for rows in strategies.values() for n in rows})
+    load = d.get("load_average_before", [None])[0], d.get("load_average_after", [None])[0]
+    lines = [
+        "## Concurrent streams on the onnxruntime-genai CPU path",
+        "",
+        f"`benchmarks/bench_ort_batching.py` on `{d.get('export', '?')}`: {d.get('max_new_tokens')} new tokens per "
+        f"stream (EOS ignored), greedy, different prompts ({min(d.get('prompt_tokens') or [0])}–"
+        f"{max(d.get('prompt_tokens') or [0])} tokens); aggregate tok/s = all tokens / wall time, median (min–max) of "
+        f"{d.get('repeats')} runs alternating the strategies; 1-minute load average {_num(load[0], 2)} before, "
+        f"{_num(load[1], 2)} after.",
+        "",
+    ]
+    if d.get("busy"):
+        lines += [f"> **Conditions:** {d['busy']}.", ""]
+    lines += [
+        "| strategy | " + " | ".join(f"×{n} tok/s | ×{n} vs generators | ×{n} streams = alone" for n in counts) + " |",
+        "|---|" + "---|---|---|" * len(counts),
+    ]
+    for name, rows in strategies.items():
+        cells = []
+        for n in counts:
+            row = rows.get(str(n), {})
+            if "error" in row or not row:
+                cells += [f"failed: {row.get('error', '-')[:60]}", "-", "-"]
+                continue
+            cells += [
+                _stat(row.get("aggregate_tok_s")),
+                f"{_num(row.get('vs_generators'), 2)}×",
+                f"{row.get('streams_equal_alone')}/{n}",
+            ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [""]
+    lines += [f"- {name}: {note}" for name, note in d.get("notes", {}).items()]
+    lines += [""]
+    return lines
+
+
 def render(results_dir: Path = RESULTS_DIR) -> str:
     backends = _load(results_dir / "backends.json")
     scheduler = _load(results_dir / "scheduler.json")
@@ -270,6 +310,9 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         lines += scheduler_section(scheduler)
     if serving:
         lines += serving_section(serving)
+    ort_batching = _load(results_dir / "ort_batching.json")
+    if ort_batching:
+        lines += ort_batching_section(ort_batching)
     return "\n".join(lines).rstrip() + "\n"
 
 
