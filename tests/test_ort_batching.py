@@ -280,8 +280,21 @@ def test_what_is_not_batched_says_why(exports, tmp_path: Path) -> None:
         assert b.capabilities().max_batch_size == 4
     finally:
         b.unload()
-    with pytest.raises(BackendError, match="cannot be batched"):  # asked for, on a provider that cannot
-        OrtGenaiBackend(folder, device="cpu", batching=True)._batch_runner(PROVIDERS["qnn"])
+    graph, why = OrtGenaiBackend(folder, device="cpu", batching=True)._batch_plan(PROVIDERS["qnn"])
+    assert graph is None and "CPU provider" in why
+    with pytest.raises(BackendError, match="cannot be batched"):  # asked for, where it cannot be
+        _load_unbatchable(folder, tmp_path)
+
+
+def _load_unbatchable(folder: Path, tmp_path: Path) -> None:
+    """batching=True on an export whose config says its KV buffer is not shared: refused at load."""
+    import shutil
+
+    copy = shutil.copytree(folder, tmp_path / "not-shared")
+    config = json.loads((copy / "genai_config.json").read_text())
+    config["search"]["past_present_share_buffer"] = False
+    (copy / "genai_config.json").write_text(json.dumps(config))
+    load(copy, batching=True)
 
 
 # ---- token choice, row by row ------------------------------------------------------------------------------
