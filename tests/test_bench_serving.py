@@ -65,7 +65,11 @@ def test_guidellm_runs_against_a_real_server(tiny_llama: Path, accelserve_home: 
     saved = json.loads((tmp_path / "guidellm.json").read_text())
     assert saved["metadata"]["guidellm_version"] == bench_serving.GUIDELLM_VERSION
     (bench,) = saved["benchmarks"]
-    assert bench["metrics"]["request_totals"] == {"successful": 4, "errored": 0, "incomplete": 0, "total": 4}
+    totals = bench["metrics"]["request_totals"]
+    # guidellm's max_requests constraint can end the run before it counts the last request (seen: 3 of 4,
+    # 47 of 48); what it counted must all have succeeded
+    assert totals["errored"] == 0 and totals["incomplete"] == 0, totals
+    assert 3 <= totals["successful"] == totals["total"] <= 4, totals
     assert bench["metrics"]["prompt_token_count"]["successful"]["min"] > 0
     # ignore_eos, as guidellm sends it, means exactly the requested tokens from every request
     assert bench["metrics"]["output_token_count"]["successful"]["min"] == output_tokens
@@ -73,7 +77,7 @@ def test_guidellm_runs_against_a_real_server(tiny_llama: Path, accelserve_home: 
 
     (row,) = bench_serving.summarize_report(report)
     assert row["streams"] == 2
-    assert row["output_tokens_total"] == 4 * output_tokens
+    assert row["output_tokens_total"] == totals["successful"] * output_tokens
     assert row["ttft_ms"]["median"] > 0 and row["itl_ms"]["median"] > 0 and row["output_tps"]["mean"] > 0
 
 
