@@ -16,6 +16,9 @@ from typing import Literal, Protocol, runtime_checkable
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 MAX_SEED = 2**31 - 1
 MAX_TOP_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this decode greedily on every backend (vLLM's rule): dividing logits by 1e-39 overflows
+to inf and softmax turns that into NaN, while the limit of sampling as temperature -> 0 is the argmax."""
 
 
 class BackendError(RuntimeError):
@@ -28,7 +31,8 @@ class ContextOverflowError(BackendError, ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding settings. temperature == 0 (or greedy=True) means greedy decoding."""
+    """Decoding settings. greedy=True, or a temperature below GREEDY_TEMPERATURE (0 included), means greedy
+    decoding on every backend (`is_greedy`)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -84,7 +88,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0.0
+        """Greedy as asked, or a temperature so small that sampling would only overflow (GREEDY_TEMPERATURE)."""
+        return self.greedy or self.temperature < GREEDY_TEMPERATURE
 
     def suppressed_until(self) -> int:
         """How many tokens must be generated before EOS may be sampled (max_new_tokens with ignore_eos)."""

@@ -56,7 +56,7 @@ from backends.detok import StreamDecoder
 from backends.stream import TokenStream, token_logprob
 from backends.torch import kvbatch as kv
 from backends.torch.errors import OOM_ERRORS, RestartRequired, describe, is_fatal, is_oom
-from backends.torch.sampling import BatchSampler, SamplerRow, is_greedy, make_generator
+from backends.torch.sampling import BatchSampler, SamplerRow, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -546,7 +546,7 @@ def make_work(
     device: torch.device,
 ) -> Work:
     """Build the per-request state: its TokenStream, and its own generator when sampling."""
-    generator = make_generator(params.seed, device) if not is_greedy(params) else None
+    generator = make_generator(params.seed, device) if not params.is_greedy else None
     stream = TokenStream(request_id, len(prompt_ids), params, eos_ids, decoder)
     return Work(
         request_id=request_id, prompt_ids=prompt_ids, params=params, stream=stream, eos_ids=eos_ids, generator=generator

@@ -11,8 +11,8 @@ TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper), batched:
   probabilities) is a draw from each row's categorical distribution;
 - when every sampled row has a top-k, only max(top_k) candidates are ranked (topk, not a sort of the
   vocabulary); a top-p without a top-k needs the full sort, once for the batch;
-- a temperature below SAMPLING_EPS is greedy (vLLM's rule): dividing logits by 1e-39 overflows to inf and
-  softmax turns that into NaN, while the limit of sampling as temperature -> 0 is the argmax.
+- a temperature below GREEDY_TEMPERATURE is greedy (`SamplingParams.is_greedy`, the rule every backend
+  applies): dividing logits by 1e-39 overflows to inf and softmax turns that into NaN.
 
 Greedy rows are exact (argmax of the penalised logits); sampled tokens are reproducible per seed.
 """
@@ -25,14 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from backends.base import SamplingParams
-
-SAMPLING_EPS = 1e-5
-"""Temperatures below this are greedy."""
-
-
-def is_greedy(params: SamplingParams) -> bool:
-    """Greedy as asked, or a temperature so small that sampling would only overflow."""
-    return params.is_greedy or params.temperature < SAMPLING_EPS
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -55,7 +47,7 @@ class SamplerRow:
 
     @property
     def greedy(self) -> bool:
-        return is_greedy(self.params)
+        return self.params.is_greedy
 
     @property
     def penalised(self) -> bool:
