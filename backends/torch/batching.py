@@ -12,7 +12,9 @@ Design (the simplest one that is exactly right):
   (`batched_prefill`: measured, a padded prefill only delays first tokens there).
 - The running batch (kvbatch.py) is one left-padded DynamicCache with a 2-D attention mask; every row
   carries its own position id, so rotary/absolute positions never see the padding. With no padding at
-  all the mask is dropped, so a single stream runs exactly like plain `model.generate`.
+  all (prompts of equal length prefilled together, rows whose padding was cut) the mask is dropped, so a
+  single stream runs exactly like plain `model.generate` and SDPA is free to take its mask-less kernels
+  (flash / memory-efficient attention with grouped-query heads on CUDA; an explicit mask rules them out).
 - A decode step feeds one token per row from device tensors, chooses every row's next token in one
   batched call (sampling.py: per-row settings and generators, penalty history on the device), and brings
   the tokens (-1 for a row whose logits were not finite) to the host in ONE transfer: the step's only
@@ -285,8 +287,12 @@ class BatchRunner:
         when the group's forward fails, each is prefilled alone so that only the one that fails fails."""
         rows = [SamplerRow(w.params, w.generator, w.prompt_ids) for w in ws]
         try:
-            if len(ws) == 1:
-                ids, mask, positions = torch.tensor([ws[0].prompt_ids], dtype=torch.long).to(self.device), None, None
+            if len({len(w.prompt_ids) for w in ws}) == 1:  # no padding: no mask, so SDPA keeps its fast paths
+                ids, mask, positions = (
+                    torch.tensor([w.prompt_ids for w in ws], dtype=torch.long).to(self.device),
+                    None,
+                    None,
+                )
             else:
                 ids, mask, positions = kv.prefill_inputs([w.prompt_ids for w in ws], self.device)
             cache = DynamicCache()
