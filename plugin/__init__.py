@@ -10,6 +10,7 @@
     import plugin
     plugin.export("default", target="npu", precision="int4")   # static QDQ pipeline compiled for QNN HTP (w4a16)
     plugin.discover_devices()                                  # GPUs, NPUs, CPU (+ simulated ones)
+    plugin.finetune("default", data="chats.jsonl", output="tuned")  # LoRA, merged: a folder export/serve take
 
 Names are imported on first use, so `import plugin` stays fast (torch loads only when needed).
 """
@@ -42,6 +43,8 @@ _EXPORTS: dict[str, str] = {
     "PlacementError": "plugin.engine.scheduler",
     "place": "plugin.engine.scheduler",
     "GenerationRequest": "backends.base",
+    "FinetuneResult": "plugin.finetune",
+    "FinetuneError": "plugin.finetune",
     "SamplingParams": "backends.base",
 }
 
@@ -53,6 +56,8 @@ __all__ = [
     "EngineError",
     "ExportError",
     "ExportedModel",
+    "FinetuneError",
+    "FinetuneResult",
     "GenerationRequest",
     "ModelProfile",
     "ModelSourceError",
@@ -65,6 +70,7 @@ __all__ = [
     "SamplingParams",
     "discover_devices",
     "export",
+    "finetune",
     "place",
     "resolve_model",
 ]
@@ -84,6 +90,7 @@ if TYPE_CHECKING:
         RequestMetrics,
     )
     from plugin.engine.scheduler import Placement, PlacementError, place
+    from plugin.finetune import FinetuneError, FinetuneResult
     from plugin.models.resolve import ModelSourceError, ResolvedModel, resolve_model
 
 
@@ -96,6 +103,17 @@ def export(model_ref: str | Path, target: str = "npu", precision: str = "int4", 
     from plugin.convert import export as convert_export
 
     return convert_export(model_ref, target, precision, **options)
+
+
+def finetune(model_ref: str | Path, data: str | Path, output: str | Path, **options: Any) -> FinetuneResult:
+    """LoRA-fine-tune a model on chat data (.jsonl) into a merged HF checkpoint folder `output`.
+
+    Options and defaults are plugin.finetune.finetune's (eval_data, eval_fraction, settings, device, overwrite,
+    steps=..., learning_rate=...): a real GPU trains in bf16, else the CPU in fp32; never an NPU.
+    """
+    from plugin.finetune import finetune as run_finetune
+
+    return run_finetune(model_ref, data, output, **options)
 
 
 def __getattr__(name: str) -> Any:

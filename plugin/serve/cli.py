@@ -1,4 +1,4 @@
-"""`accelserve` command line: devices, prepare, export, generate, chat, serve, bench."""
+"""`accelserve` command line: devices, prepare, export, finetune, generate, chat, serve, bench."""
 
 from __future__ import annotations
 
@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--cors-origin", action="append", help="allow this browser origin (repeatable; '*': any)")
     p.set_defaults(func=cmd_serve)
+
+    from plugin.finetune.cli import add_parser as add_finetune_parser
+
+    add_finetune_parser(sub)
 
     p = sub.add_parser("bench", help="benchmarks (see benchmarks/)")
     p.add_argument("what", choices=("backends", "scheduler"))
