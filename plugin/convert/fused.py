@@ -41,13 +41,6 @@ log = logging.getLogger(__name__)
 GRAPHS = ("auto", "fused", "plain")
 FUSED_TARGETS = ("npu", "cpu")
 FUSED_PRECISIONS = ("int4", "fp32")
-# HF model_type -> the `architectures[0]` values the builder (0.18) builds as a plain causal decoder.
-FUSED_ARCHITECTURES: dict[str, tuple[str, ...]] = {
-    "llama": ("LlamaForCausalLM",),
-    "qwen2": ("Qwen2ForCausalLM",),
-    "mistral": ("MistralForCausalLM",),
-    "phi3": ("Phi3ForCausalLM",),
-}
 # int4 weights: block-wise symmetric 4-bit everywhere except the last MatMul (lm_head, and with it the
 # embedding), which is 8-bit. An all-4-bit lm_head agrees with torch's top-1 less often than the
 # plain export does on the default model (measured: docs/fused-export.md); the 8-bit one agrees more.
@@ -107,33 +100,13 @@ def graph_key_options(graph: str, precision: str) -> dict[str, Any]:
     return options
 
 
-def optimum_unsupported_reason(model_type: str) -> str | None:
-    """Why Optimum's ONNX exporter does not take `model_type` for text-generation-with-past (None = it does)."""
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs with TasksManager)
-    from optimum.exporters.tasks import TasksManager
-
-    try:
-        tasks = TasksManager.get_supported_tasks_for_model_type(
-            model_type, exporter="onnx", library_name="transformers"
-        )
-    except (KeyError, ValueError) as e:
-        return f"Optimum's ONNX exporter has no config for {model_type!r}: {e}"
-    if "text-generation-with-past" not in tasks:
-        return f"Optimum's ONNX exporter does not export {model_type!r} for text-generation-with-past"
-    return None
-
-
 def fused_unsupported_reason(hf_config: dict[str, Any]) -> str | None:
-    """Why the fused builder cannot take this checkpoint (None = it can)."""
-    arch = str(hf_config.get("model_type", ""))
-    reason = optimum_unsupported_reason(arch)
+    """Why the fused builder cannot take this checkpoint (None = it can); the lookup is architectures.py's."""
+    from plugin.convert.architectures import fused_graph_reason, optimum_unsupported_reason
+
+    reason = optimum_unsupported_reason(str(hf_config.get("model_type", ""))) or fused_graph_reason(hf_config)
     if reason:
         return reason
-    if arch not in FUSED_ARCHITECTURES:
-        return f"the fused builder step covers {', '.join(FUSED_ARCHITECTURES)}; {arch!r} is exported plain"
-    classes = hf_config.get("architectures") or []
-    if not classes or classes[0] not in FUSED_ARCHITECTURES[arch]:
-        return f"config.json names architectures {classes}; the fused builder takes {FUSED_ARCHITECTURES[arch]}"
     if hf_config.get("quantization_config"):
         return "the checkpoint is pre-quantized (quantization_config); the fused step starts from float weights"
     return None

@@ -17,15 +17,12 @@ import onnx
 
 from plugin.convert.errors import ExportError
 
-# model.type values onnxruntime-genai 0.18 accepts that run a plain Optimum graph as a standard decoder
-# (inputs input_ids/attention_mask/position_ids/past_key_values.N.*). Checked per architecture by the tests.
-GENAI_MODEL_TYPE: dict[str, str] = {
-    "llama": "llama",
-    "qwen2": "qwen2",
-    "mistral": "mistral",
-    "phi3": "phi3",
-    "gpt2": "llama",  # og's "gpt2" type expects a fused past_N input; the Optimum graph is a standard decoder
-}
+# The plain Optimum graph computes every architecture detail itself (rotary variant, soft-capping, scaling,
+# norms, biases, sliding windows through the attention mask), so onnxruntime-genai only has to feed a
+# standard decoder: inputs input_ids/attention_mask/position_ids/past_key_values.N.*, outputs logits and
+# present.N.*. Its "llama" model type is that generic decoder-only runner for every architecture (its
+# per-family types, e.g. "gpt2", expect the builder's own input layout instead).
+PLAIN_GRAPH_MODEL_TYPE = "llama"
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
@@ -93,6 +90,28 @@ def _token_id(value: Any) -> Any:
     return value
 
 
+def _sizes(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """hidden size, heads, layers, positions under their standard names, whatever this config class calls them.
+
+    transformers' config class resolves its own aliases (`attribute_map`: n_embd, d_model, n_head ...); a
+    multimodal wrapper's text model (`text_config`) holds the decoder's sizes.
+    """
+    from transformers import AutoConfig
+
+    flat = {**hf_config, **(hf_config.get("text_config") or {})}
+    model_type = str(flat.get("model_type") or hf_config.get("model_type", ""))
+    try:
+        cfg: Any = AutoConfig.for_model(model_type, **{k: v for k, v in flat.items() if k != "model_type"})
+    except (KeyError, ValueError, TypeError):
+        cfg = None
+    names = ("hidden_size", "num_attention_heads", "max_position_embeddings", "n_positions", "n_ctx")
+    out: dict[str, Any] = {}
+    for name in names:
+        value = getattr(cfg, name, None) if cfg is not None else None
+        out[name] = value if value is not None else flat.get(name)
+    return out
+
+
 def build_genai_config(
     hf_config: dict[str, Any],
     generation_config: dict[str, Any] | None,
@@ -103,18 +122,15 @@ def build_genai_config(
 ) -> dict[str, Any]:
     """Assemble the genai_config dict (pure function, for tests)."""
     _check_io(io)
-    arch = str(hf_config.get("model_type", ""))
-    if arch not in GENAI_MODEL_TYPE:
-        raise ExportError(f"no onnxruntime-genai model type known for architecture {arch!r}")
     gen = generation_config or {}
-    hidden = int(_first(hf_config, "hidden_size", "n_embd"))
-    heads = int(_first(hf_config, "num_attention_heads", "n_head"))
-    kv_heads = int(_first(hf_config, "num_key_value_heads", default=io.kv_heads or heads))
-    head_dim = int(_first(hf_config, "head_dim", default=io.head_dim or hidden // heads))
-    layers = int(_first(hf_config, "num_hidden_layers", "n_layer"))
-    if layers != io.num_layers:
-        raise ExportError(f"the HF config says {layers} layers but the ONNX graph has {io.num_layers} KV inputs")
-    context = int(_first(hf_config, "max_position_embeddings", "n_positions", "n_ctx", default=2048))
+    sizes = _sizes(hf_config)
+    hidden = int(sizes["hidden_size"])
+    heads = int(sizes["num_attention_heads"])
+    # KV geometry as the graph has it (MQA, latent attention, multi_query flags differ in name per config)
+    kv_heads = int(io.kv_heads or _first(hf_config, "num_key_value_heads", default=heads))
+    head_dim = int(io.head_dim or _first(hf_config, "head_dim", default=hidden // heads))
+    layers = io.num_layers
+    context = int(_first(sizes, "max_position_embeddings", "n_positions", "n_ctx", default=2048))
 
     inputs: dict[str, str] = {"input_ids": "input_ids"}
     for name in ("attention_mask", "position_ids"):
@@ -147,8 +163,10 @@ def build_genai_config(
         },
         "eos_token_id": eos,
         "pad_token_id": pad,
-        "type": GENAI_MODEL_TYPE[arch],
-        "vocab_size": int(hf_config["vocab_size"]),
+        "type": PLAIN_GRAPH_MODEL_TYPE,
+        "vocab_size": int(
+            _first(hf_config, "vocab_size", default=(hf_config.get("text_config") or {}).get("vocab_size"))
+        ),
     }
     top_k = gen.get("top_k")
     search = {

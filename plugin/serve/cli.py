@@ -1,4 +1,4 @@
-"""`accelserve` command line: devices, prepare, export, finetune, generate, chat, serve, bench."""
+"""`accelserve` command line: devices, prepare, export, models, finetune, generate, chat, serve, bench."""
 
 from __future__ import annotations
 
@@ -293,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     from plugin.finetune.cli import add_parser as add_finetune_parser
+    from plugin.serve.models_cli import add_parser as add_models_parser
 
     add_finetune_parser(sub)
+    add_models_parser(sub)
 
     p = sub.add_parser("bench", help="benchmarks (see benchmarks/)")
     p.add_argument("what", choices=("backends", "scheduler"))
