@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -179,16 +180,20 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_record(results: list[dict[str, Any]], path: Path) -> None:
-    """plugin/convert/architectures_measured.json: what export() consults, keyed by the library versions."""
+def write_record(results: list[dict[str, Any]], path: Path, merge: bool = False) -> None:
+    """plugin/convert/architectures_measured.json: what export() consults, keyed by the library versions.
+
+    `merge`: replace only these architectures' entries in a record of the same versions (a re-measurement).
+    """
     from plugin.convert.architectures import installed_versions
 
     keep = ("graph", "fp32_exact", "int4_top1", "fused_failure", "refusal")
-    record = {
-        "written_by": "benchmarks/arch_coverage.py",
-        "versions": installed_versions(),
-        "architectures": {r["model_type"]: {k: r[k] for k in keep if r.get(k) is not None} for r in results},
-    }
+    entries = {r["model_type"]: {k: r[k] for k in keep if r.get(k) is not None} for r in results}
+    if merge and path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("versions") == installed_versions():
+            entries = {**old.get("architectures", {}), **entries}
+    record = {"written_by": "benchmarks/arch_coverage.py", "versions": installed_versions(), "architectures": entries}
     for entry in record["architectures"].values():  # a graph that runs but is not exact is not served
         if "refusal" not in entry and not entry.get("fp32_exact"):
             entry["refusal"] = "fp32 greedy tokens differ from torch's (measured on a tiny random checkpoint)"
@@ -201,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--no-write-record", action="store_true", help="do not rewrite architectures_measured.json")
+    parser.add_argument("--merge", action="store_true", help="with --only: update these entries of the record")
+    parser.add_argument("--jobs", type=int, default=1, help="architectures measured at once (child processes)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "arch_coverage.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -214,14 +221,17 @@ def main(argv: list[str] | None = None) -> int:
 
     types = args.only.split(",") if args.only else list(architectures.optimum_model_types())
     results = []
-    for model_type in tqdm(types, desc="architectures"):
-        results.append(run_worker(model_type))
-        tqdm.write(f"{model_type}: {json.dumps({k: v for k, v in results[-1].items() if k != 'attempts'})}")
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_worker, t) for t in types]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="architectures"):
+            results.append(future.result())
+            tqdm.write(json.dumps({k: v for k, v in results[-1].items() if k != "attempts"}))
+    results.sort(key=lambda r: types.index(r["model_type"]))
     rows = table_rows(results)
     print(markdown(rows))
     write_json(args.output, {"machine": machine_info(), "rows": rows, "raw": results, "markdown": markdown(rows)})
-    if not args.no_write_record and not args.only:
-        write_record(results, ROOT / "plugin" / "convert" / "architectures_measured.json")
+    if not args.no_write_record and (args.merge or not args.only):
+        write_record(results, ROOT / "plugin" / "convert" / "architectures_measured.json", merge=args.merge)
     return 0
 
 
