@@ -32,7 +32,7 @@ from typing import Any
 import onnx
 
 from plugin.convert.errors import ExportError
-from plugin.convert.fused_memory import FP32_COMPUTE_MATMULS, apply_memory_layout
+from plugin.convert.fused_memory import DEFAULT_MEMORY_PRESET, apply_memory_layout, check_memory_preset
 from plugin.convert.onnx_files import DATA_FILE, MODEL_FILE
 from plugin.convert.steps import StepTimer
 
@@ -45,7 +45,7 @@ FUSED_PRECISIONS = ("int4", "fp32")
 # embedding), which is 8-bit. An all-4-bit lm_head agrees with torch's top-1 less often than the
 # plain export does on the default model (measured: docs/fused-export.md); the 8-bit one agrees more.
 INT4_ALGO = "k_quant_last"
-FUSED_FORMAT = 3  # bump when the builder options or fused_memory change what a fused folder holds
+FUSED_FORMAT = 4  # bump when the builder options or fused_memory change what a fused folder holds
 BUILDER_TIMEOUT_S = 3600.0
 FUSED_OPS = (
     "GroupQueryAttention",
@@ -89,14 +89,15 @@ def resolve_graph(graph: str, target: str, precision: str) -> str:
     return graph
 
 
-def graph_key_options(graph: str, precision: str) -> dict[str, Any]:
-    """Cache-key options for the graph choice: the graph, and for fused int4 the quantization preset."""
+def graph_key_options(graph: str, precision: str, memory: str = DEFAULT_MEMORY_PRESET) -> dict[str, Any]:
+    """Cache-key options for the graph choice: the graph, and for fused int4 the quantization and memory presets."""
     options: dict[str, Any] = {"graph": graph}
     if graph == "fused":
         options["fused_format"] = FUSED_FORMAT
         if precision == "int4":
             options["int4_algorithm"] = INT4_ALGO
-            options["fp32_compute"] = list(FP32_COMPUTE_MATMULS)
+            options["memory_preset"] = memory
+            options["fp32_compute"] = list(check_memory_preset(memory))
     return options
 
 
@@ -184,7 +185,7 @@ def check_fused(ops: dict[str, int], num_layers: int) -> None:
 
 
 def _quantization_record(
-    precision: str, options: dict[str, str], ops: dict[str, int], layout: dict[str, Any]
+    precision: str, options: dict[str, str], ops: dict[str, int], layout: dict[str, Any], memory: str
 ) -> dict[str, Any]:
     if precision != "int4":
         return {"method": "fp32 reference (no conversion), fused by onnxruntime-genai's model builder"}
@@ -197,7 +198,8 @@ def _quantization_record(
         "block_size": int(options["block_size"]),
         "symmetric": options["is_symmetric"] == "true",
         "accuracy_level": int(options["accuracy_level"]),
-        "fp32_compute": list(FP32_COMPUTE_MATMULS),  # these 4-bit MatMuls run at accuracy_level 0
+        "memory_preset": memory,
+        "fp32_compute": list(check_memory_preset(memory)),  # these 4-bit MatMuls run at accuracy_level 0
         "algorithm": INT4_ALGO,
         "quantized_matmuls": ops.get("MatMulNBits", 0),
         "memory_layout": layout,
@@ -205,9 +207,12 @@ def _quantization_record(
 
 
 def build_fused(
-    source: Path, folder: Path, precision: str, block_size: int, symmetric: bool
+    source: Path, folder: Path, precision: str, block_size: int, symmetric: bool, memory: str = DEFAULT_MEMORY_PRESET
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """Write model.onnx(+.data) and genai_config.json of the fused graph into `folder`.
+
+    `memory`: the fused_memory preset ("fast" int8 compute everywhere, "lean" fp32-compute MLP); it only
+    changes accuracy levels of 4-bit MatMuls, so an fp32 graph is the same under both.
 
     Returns (quantization record, fused op counts). The tokenizer files are copied by the caller, as for
     the plain graph. Raises ExportError when the builder fails or its graph is not fused.
@@ -218,12 +223,12 @@ def build_fused(
     hf_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     ops = fused_op_counts(out / MODEL_FILE)  # the layout rewrite below keeps every fused op
     check_fused(ops, int(hf_config.get("num_hidden_layers", -1)))
-    layout = apply_memory_layout(out)
+    layout = apply_memory_layout(out, memory)
     for name in (MODEL_FILE, DATA_FILE, "genai_config.json"):
         shutil.move(out / name, folder / name)
     shutil.rmtree(work)
     log.info("fused graph (%s): %s", builder_name(), ops)
-    return _quantization_record(precision, options, ops, layout.to_dict()), ops
+    return _quantization_record(precision, options, ops, layout.to_dict(), memory), ops
 
 
 def builder_name() -> str:
@@ -241,6 +246,7 @@ def try_build_fused(
     symmetric: bool,
     timer: StepTimer,
     provider_options: Callable[[str, str], tuple[list[dict[str, Any]], str]],
+    memory: str = DEFAULT_MEMORY_PRESET,
 ) -> tuple[dict[str, Any] | None, str | None]:
     """Fill `folder` with the fused export (minus manifest); (manifest fields, None) on success.
 
@@ -254,7 +260,7 @@ def try_build_fused(
     if reason is None:
         try:
             with timer.step("fused_build", f"fused ONNX graph ({builder_name()}, {precision})"):
-                quantization, ops = build_fused(source, folder, precision, block_size, symmetric)
+                quantization, ops = build_fused(source, folder, precision, block_size, symmetric, memory)
         except ExportError as e:
             reason = str(e)
             for name in (MODEL_FILE, DATA_FILE, "genai_config.json"):

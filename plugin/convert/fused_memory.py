@@ -1,7 +1,7 @@
 """Resident-memory layout of the builder's int4 graph: what stays mapped, what onnxruntime copies at load.
 
-Two rewrites of the graph the builder writes, both measured with `benchmarks/bench_vs_llamacpp.py`
-(docs/fused-export.md has the numbers):
+Rewrites of the graph the builder writes, each measured with `benchmarks/bench_vs_llamacpp.py` and the
+load-time RSS trace in docs/fused-export.md:
 
 - **Untie the quantized embedding.** The builder ties the embedding to lm_head: GatherBlockQuantized
   reads `Reshape(lm_head weight)`. onnxruntime constant-folds that Reshape at every session start, so
@@ -9,14 +9,21 @@ Two rewrites of the graph the builder writes, both measured with `benchmarks/ben
   weights. Here the embedding gets its own initializers instead: the same bytes appended once more to
   `model.onnx.data`, in the shape the Gather wants. onnxruntime memory-maps them, pages in only the
   rows of tokens it has seen, and can release lm_head's original tensors after pre-packing them.
-- **fp32 compute for the MLP.** MatMulNBits at accuracy level 4 (int8 activations) pre-packs each
-  4-bit weight with a per-block sum table, a quarter again the size of the 4-bit data; level 0 (fp32
-  activations) packs without it. The gate/up and down projections hold three quarters of the layer
-  weights. At level 0 they keep 20 MB less resident on the default model (219 vs 239 MB peak) for a
-  fifth of the decode speed (226 vs 292 tok/s); attention projections stay at level 4.
+- **Pre-pack lm_head first.** onnxruntime pre-packs weights node by node in the order the graph lists
+  them and releases each original after packing it. lm_head comes last, so its 28 MB original and its
+  35 MB packed copy were resident together on top of every other packed layer: the load's peak, 27-30 MB
+  above the steady state. Listing the lm_head MatMul first moves that overlap to the start of the load,
+  when nothing else is resident. Execution order is unchanged (onnxruntime sorts the graph itself); the
+  file is no longer topologically sorted, which onnx.checker would flag, but no step here runs it.
+- **Memory preset.** `fast` (the default) keeps every 4-bit MatMulNBits at int8 compute (accuracy level
+  4), the fast CPU kernel, which also gives a row in a batch exactly what it gets alone. `lean` sets the
+  MLP (gate/up and down projections, three quarters of the layer weights) to fp32 compute (level 0),
+  which pre-packs without a per-block sum table: ~10 MB less resident for ~20 % of the decode speed.
 
-Neither changes a weight value: the copy is byte-identical and both accuracy levels dequantize the
-same 4-bit weights.
+The serving side (backends/ort_genai/resident.py) then returns the pages of `model.onnx.data` that
+onnxruntime keeps mapped but no longer reads (the original scales and zero points beside their packed
+copies, ~19 MB). None of this changes a weight value: the copy is byte-identical and both accuracy
+levels dequantize the same 4-bit weights.
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ from plugin.convert.onnx_files import DATA_FILE, MODEL_FILE
 log = logging.getLogger(__name__)
 
 EMBEDDING_PREFIX = "model.embed_tokens.weight"
-FP32_COMPUTE_MATMULS = ("gate_up_proj", "down_proj")  # 4-bit MatMulNBits named so run at accuracy level 0
+# preset -> the 4-bit MatMulNBits (by name part) that run at fp32 compute (accuracy level 0)
+MEMORY_PRESETS: dict[str, tuple[str, ...]] = {"fast": (), "lean": ("gate_up_proj", "down_proj")}
+DEFAULT_MEMORY_PRESET = "fast"
+LM_HEAD_PART = "lm_head"
 ALIGN = 4096  # page-aligned offsets: onnxruntime maps each external tensor on its own
 
 
@@ -46,22 +56,41 @@ class MemoryLayout:
 
     embedding_untied: bool
     fp32_compute_matmuls: int
+    preset: str = DEFAULT_MEMORY_PRESET
+    lm_head_prepacked_first: bool = False
 
     def to_dict(self) -> dict[str, object]:
-        return {"embedding_untied": self.embedding_untied, "fp32_compute_matmuls": self.fp32_compute_matmuls}
+        return {
+            "preset": self.preset,
+            "embedding_untied": self.embedding_untied,
+            "fp32_compute_matmuls": self.fp32_compute_matmuls,
+            "lm_head_prepacked_first": self.lm_head_prepacked_first,
+        }
 
 
-def apply_memory_layout(folder: Path) -> MemoryLayout:
+def check_memory_preset(preset: str) -> tuple[str, ...]:
+    """The fp32-compute name parts of `preset`; ExportError naming the choices for an unknown one."""
+    if preset not in MEMORY_PRESETS:
+        raise ExportError(
+            f"unknown memory preset {preset!r}; choose one of {', '.join(MEMORY_PRESETS)} "
+            "('fast': int8 compute everywhere, the default; 'lean': fp32-compute MLP, ~10 MB less, ~20 % slower)"
+        )
+    return MEMORY_PRESETS[preset]
+
+
+def apply_memory_layout(folder: Path, preset: str = DEFAULT_MEMORY_PRESET) -> MemoryLayout:
     """Rewrite `folder`'s model.onnx (and append to its data file); see the module docstring."""
+    fp32_parts = check_memory_preset(preset)
     model_path = folder / MODEL_FILE
     model = onnx.load(str(model_path), load_external_data=False)
     untied = untie_quantized_embedding(model, folder / DATA_FILE)
-    fp32 = set_fp32_compute(model, FP32_COMPUTE_MATMULS)
-    if untied or fp32:
+    fp32 = set_fp32_compute(model, fp32_parts)
+    first = list_lm_head_first(model)
+    if untied or fp32 or first:
         tmp = model_path.with_name(model_path.name + ".tmp")
         onnx.save_model(model, str(tmp))  # graph only: every weight already points into the data file
         tmp.replace(model_path)
-    layout = MemoryLayout(untied, fp32)
+    layout = MemoryLayout(untied, fp32, preset, first)
     log.info("memory layout: %s", layout)
     return layout
 
@@ -122,6 +151,29 @@ def set_fp32_compute(model: onnx.ModelProto, name_parts: tuple[str, ...]) -> int
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", 0))
         changed += 1
     return changed
+
+
+def list_lm_head_first(model: onnx.ModelProto) -> bool:
+    """Move the lm_head MatMul (a node named lm_head whose weight is an initializer) to the front of the graph.
+
+    onnxruntime pre-packs in this order and frees each original after packing it, so the largest weight's
+    original and packed copies are resident together before the other layers are packed, not after.
+    Returns False when there is no such node or it is already first.
+    """
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    heads = [
+        i
+        for i, n in enumerate(graph.node)
+        if n.op_type in ("MatMulNBits", "MatMul") and LM_HEAD_PART in n.name and n.input[1:2] and n.input[1] in inits
+    ]
+    if len(heads) != 1 or heads[0] == 0:
+        return False
+    node = onnx.NodeProto()
+    node.CopyFrom(graph.node[heads[0]])
+    del graph.node[heads[0]]
+    graph.node.insert(0, node)
+    return True
 
 
 def _external_bytes(tensor: onnx.TensorProto, data: BinaryIO) -> bytes:

@@ -77,6 +77,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         graph=args.graph,
         context_length=args.context_length,
         window=args.window,
+        memory=args.memory,
     )
     if args.json:
         print(json.dumps({"path": str(exported.path), "cache_hit": exported.cache_hit, **exported.manifest}, indent=2))
@@ -234,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-length", type=int, help="npu: tokens of the static KV buffer (default 1024; part of the cache key)"
     )
     p.add_argument("--window", type=int, help="npu: static prefill window of the context graph (default 64)")
+    p.add_argument(
+        "--memory",
+        choices=("fast", "lean"),
+        default="fast",
+        help="fused int4 graph: fast = int8 compute everywhere (default); lean = fp32-compute MLP, "
+        "~10 MB less resident memory for ~20%% slower decode (docs/fused-export.md)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
