@@ -169,6 +169,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         cors_origins=tuple(args.cors_origin or ()),
     )
+    if args.ray is not None:  # Ray is imported only on this path (an optional extra)
+        from plugin.cluster.cli import serve_on_ray
+
+        return serve_on_ray(args, limits)
     serve(
         models=args.model or ["default"],
         host=args.host,
@@ -280,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--isolate-backends",
         action="store_true",
         help="run each backend in its own process: a crash in a native runtime fails only its requests",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="deploy as a Ray Serve application on the cluster at ADDRESS (e.g. HEAD:6379, or 'auto'), or on a "
+        "local one when no address is given; needs `pip install accelserve[ray]` (docs/cluster.md)",
     )
     d = ServerLimits  # the defaults
     g = p.add_argument_group("limits (each refusal is counted in /metrics as accelserve_rejected_requests)")
