@@ -1,11 +1,13 @@
 """The one memory budget: how many bytes a device may hold, and whether weights plus a batch's KV cache fit.
 
 The scheduler (will a model fit this device?), the engine (admit one more request to a loaded backend? make
-room by unloading idle ones?) and the torch backend (refuse to load a model that cannot fit) all ask these
+room by unloading idle ones?) and the backends (refuse to load a model that cannot fit) all ask these
 functions, so they can never disagree. `MemoryLedger` is the live side of the same budget: one per device
-for the whole process, where each loaded backend reserves weights + KV cache + an activation allowance
-against live free memory minus the same headroom, so that two backends on one GPU never both count the
-same free bytes.
+for the whole process (`gpu_ledger(N)` for CUDA device N, `host_ledger()` for system RAM, which the CPU,
+simulated devices and NPUs sharing host memory all draw on), where each loaded backend reserves weights +
+KV cache + an activation allowance against live free memory minus the same headroom, so that two backends
+on one GPU never both count the same free bytes. The scheduler reads what each ledger has left, and the
+engine's residency frees room by what the ledger says.
 
 - A device may use `MEMORY_FRACTION` of its memory: GPU 90 % (the CUDA context, activations and allocator
   fragmentation take the rest); CPU and NPU 75 % (system RAM is shared with the OS and the server).
@@ -19,6 +21,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from backends.profile import ModelProfile
 
 MEMORY_FRACTION: dict[str, float] = {"gpu": 0.90, "npu": 0.75, "cpu": 0.75}
 
@@ -64,6 +70,34 @@ def activation_bytes(
     prefill = prefill_tokens * ACTIVATION_ELEMENTS_PER_HIDDEN * hidden_size * element_bytes
     sampling = SAMPLING_COPIES * max_batch * vocab_size * 4
     return prefill + sampling
+
+
+LOAD_KV_TOKENS = 4096
+"""At load, weights plus the KV cache of one sequence of min(context length, this) tokens must fit; larger
+batches are then admitted per request against the KV cache the backend was granted."""
+
+
+def activation_element_bytes(precision: str) -> int:
+    """Bytes of one activation element: fp16/bf16 models compute in 2 bytes, the rest (fp32, int4/int8 exports
+    with fp32 activations on the CPU) in 4."""
+    return 2 if precision in ("fp16", "bf16") else 4
+
+
+def load_need(profile: ModelProfile, precision: str, *, max_batch: int) -> int:
+    """The least a backend of `profile` at `precision` reserves at load: weights + activation allowance + the KV
+    cache of one sequence of min(context, LOAD_KV_TOKENS) tokens, with its transient copy (what the engine
+    must make room for before loading; the backend then takes as much KV cache as is left, up to a full
+    batch at full context)."""
+    one_seq = min(profile.context_length, LOAD_KV_TOKENS) * profile.kv_bytes_per_token(precision)
+    activations = activation_bytes(
+        hidden_size=profile.hidden_size,
+        vocab_size=profile.vocab_size,
+        element_bytes=activation_element_bytes(precision),
+        prefill_tokens=min(profile.context_length, LOAD_KV_TOKENS),
+        max_batch=max_batch,
+    )
+    transient = int(one_seq * kv_transient_fraction(profile.num_layers))
+    return profile.weight_bytes(precision) + activations + one_seq + transient
 
 
 def kv_transient_fraction(num_layers: int) -> float:
@@ -174,6 +208,32 @@ def ledger(device: str, kind: str, probe: Probe) -> MemoryLedger:
         if book is None:
             book = _ledgers[device] = MemoryLedger(device, kind, probe)
         return book
+
+
+def host_memory() -> tuple[int, int, int]:
+    """(available system RAM, total RAM, this process's resident set): the host ledger's probe."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return int(vm.available), int(vm.total), int(psutil.Process().memory_info().rss)
+
+
+def cuda_memory(index: int) -> tuple[int, int, int]:
+    """(free, total, held by this process's caching allocator) on CUDA device `index`: a GPU ledger's probe."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(index)
+    return int(free), int(total), int(torch.cuda.memory_reserved(index))
+
+
+def host_ledger() -> MemoryLedger:
+    """The process's ledger of system RAM (the CPU, simulated devices, NPUs that share host memory)."""
+    return ledger("cpu", "cpu", host_memory)
+
+
+def gpu_ledger(index: int) -> MemoryLedger:
+    """The process's ledger of CUDA device `index`."""
+    return ledger(f"cuda:{index}", "gpu", lambda: cuda_memory(index))
 
 
 def _gib(n: float) -> str:

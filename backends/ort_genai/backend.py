@@ -15,6 +15,7 @@ import json
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ from backends.base import (
     SamplingParams,
     TokenChunk,
 )
+from backends.memory import LedgerError, MemoryLedger, Reservation, host_ledger
 from backends.ort_genai.batching import GraphSpec, OrtBatchRunner, Work, batchable_graph, make_work
+from backends.ort_genai.memory import BATCHED_KV_SLACK, ExportNeeds, export_needs
 from backends.ort_genai.providers import (
     ProviderSpec,
     build_config,
@@ -183,6 +186,10 @@ class OrtGenaiBackend:
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._last_error = ""
+        self._reservation: Reservation | None = None
+        self._release_on_gc: weakref.finalize | None = None
+        self._kv_budget: int | None = None
+        self._kv_bytes_per_token = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -193,6 +200,66 @@ class OrtGenaiBackend:
         if not self.model_dir.is_dir():
             raise BackendError(f"model folder {self.model_dir} does not exist; export the model first")
         config = read_genai_config(self.model_dir)
+        needs = export_needs(
+            self.model_dir,
+            config,
+            detect_precision(self.model_dir),
+            max_batch=self._max_batch_size or BATCHED_MAX_BATCH_SIZE,
+        )
+        self._reservation = self._reserve(needs)
+        try:
+            self._load(config, needs)
+        except BaseException:
+            self._release()
+            raise
+
+    # ---- the memory ledger -----------------------------------------------------------------------------------
+
+    def _ledger(self) -> MemoryLedger | None:
+        """The host ledger when every provider this load may use keeps the model in system RAM (the CPU, a
+        simulated device, NPUs sharing host memory); None for a GPU provider (not measurable from here)."""
+        if self.simulated or all(spec.runs_on in ("cpu", "npu") for spec in self._candidates):
+            return host_ledger()
+        return None
+
+    def _reserve(self, needs: ExportNeeds) -> Reservation | None:
+        """Reserve weights + activations + as much KV cache as a full batch can use (at least one sequence),
+        with the batched path's slack, before anything loads; refuse the load when even that does not fit."""
+        book = self._ledger()
+        if book is None:
+            log.info("%s: a GPU provider's memory is not reserved in the ledger (not measurable here)", self.model_dir)
+            return None
+        owner = f"onnxruntime-genai {self.model_dir.name} #{id(self):x}"
+        try:
+            reservation = book.reserve(
+                owner,
+                weights=needs.weights,
+                activations=needs.activations,
+                min_kv=needs.one_sequence_kv,
+                max_kv=max(int(needs.full_batch_kv * BATCHED_KV_SLACK), needs.one_sequence_kv),
+                kv_transient=1.0 if self.batching is not False else 0.0,
+            )
+        except LedgerError as exc:
+            raise BackendError(
+                f"{self.model_dir.name} does not fit in memory: {exc}. Use a smaller export (int4), a smaller "
+                "max_batch_size, or free memory"
+            ) from exc
+        self._release_on_gc = weakref.finalize(self, book.release, owner)  # a backend dropped without unload
+        return reservation
+
+    def _release(self) -> None:
+        if self._release_on_gc is not None:
+            self._release_on_gc()  # releases once, then detaches
+            self._release_on_gc = None
+        self._reservation = None
+        self._kv_budget = None
+
+    @property
+    def reservation(self) -> Reservation | None:
+        """What this backend holds in the memory ledger (None while not loaded, or on a GPU provider)."""
+        return self._reservation
+
+    def _load(self, config: dict[str, Any], needs: ExportNeeds) -> None:
         import onnxruntime_genai as og
 
         try:
@@ -249,6 +316,14 @@ class OrtGenaiBackend:
         self._spec, self._model = spec, model
         self._runner = runner
         self._last_error = ""
+        self._kv_bytes_per_token = needs.kv_bytes_per_token
+        if runner is not None:  # the cache's real element size, as the graph declares it
+            per_token = 2 * len(runner.spec.past) * runner.spec.kv_heads * runner.spec.head_size
+            self._kv_bytes_per_token = per_token * np.dtype(runner.spec.kv_dtype).itemsize
+        if self._reservation is not None:
+            # the engine's admission counts rows x longest; the batched buffers may hold BATCHED_KV_SLACK times that
+            slack = BATCHED_KV_SLACK if runner is not None else 1.0
+            self._kv_budget = int(self._reservation.kv / slack)
         log.info(
             "loaded %s on %s (%s%s; %s)",
             self.model_dir,
@@ -295,6 +370,7 @@ class OrtGenaiBackend:
             runner.stop("the model was unloaded")
         self._model = self._encoder = None
         self._spec = None
+        self._release()
 
     # ---- reporting -------------------------------------------------------------------------------------------
 
@@ -320,6 +396,8 @@ class OrtGenaiBackend:
             context_length=self._context_length,
             simulated=self.simulated,
             emulated=self._spec.emulated,
+            kv_budget_bytes=self._kv_budget if self._kv_bytes_per_token else None,
+            kv_bytes_per_token=self._kv_bytes_per_token,
         )
 
     def health(self) -> BackendHealth:

@@ -35,12 +35,16 @@ from backends.base import (
     TokenChunk,
 )
 from backends.memory import (
+    LOAD_KV_TOKENS,
     LedgerError,
     MemoryLedger,
     Reservation,
     activation_bytes,
+    cuda_memory,
+    gpu_ledger,
+    host_ledger,
+    host_memory,
     kv_transient_fraction,
-    ledger,
 )
 from backends.profile import ModelProfile, profile_from_config
 from backends.prompt import PromptEncoder
@@ -51,9 +55,6 @@ log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-LOAD_KV_TOKENS = 4096
-"""At load, weights plus the KV cache of one sequence of min(context length, this) tokens must fit;
-larger batches are then admitted per request against the remaining budget."""
 
 
 def _gib(n: float) -> str:
@@ -175,21 +176,12 @@ def free_memory_bytes(device: torch.device) -> int:
 def device_memory(device: torch.device) -> tuple[int, int, int]:
     """(free, total, held by this process) on the device now: CUDA's counts and the caching allocator's
     reserved bytes on a GPU; available and total RAM and this process's resident set on the CPU."""
-    if device.type == "cuda":
-        index = device.index or 0
-        free, total = torch.cuda.mem_get_info(index)
-        return int(free), int(total), int(torch.cuda.memory_reserved(index))
-    import psutil
-
-    vm = psutil.virtual_memory()
-    return int(vm.available), int(vm.total), int(psutil.Process().memory_info().rss)
+    return cuda_memory(device.index or 0) if device.type == "cuda" else host_memory()
 
 
 def device_ledger(device: torch.device) -> MemoryLedger:
-    """The process's one memory ledger for this device."""
-    kind = "gpu" if device.type == "cuda" else "cpu"
-    key = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
-    return ledger(key, kind, lambda: device_memory(device))
+    """The process's one memory ledger for this device (shared with every other backend and the engine)."""
+    return gpu_ledger(device.index or 0) if device.type == "cuda" else host_ledger()
 
 
 def _model_location(model_path: str | Path) -> tuple[Path, str | None]:
@@ -354,6 +346,11 @@ class TorchBackend:
             raise BackendError(self._does_not_fit(weights, needed, one_seq, book.available(), f" ({e})")) from e
         self._release_on_gc = weakref.finalize(self, book.release, self._owner)  # a backend dropped unloaded
         return reservation
+
+    @property
+    def reservation(self) -> Reservation | None:
+        """What this backend holds in its device's memory ledger (None while not loaded)."""
+        return self._reservation
 
     @property
     def _owner(self) -> str:

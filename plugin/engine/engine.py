@@ -10,6 +10,13 @@ only when the backend thread has really stopped, so a cancelled request frees ca
 backend honours the cancel. Each request is tokenized once, in the caller's thread, with the model's own
 tokenizer (backends/prompt.py); the backend receives the ids.
 
+Memory: one ledger per device for the whole process (backends/memory.py, plugin/engine/budget.py). The
+scheduler sees what each device's ledger has left now (live free memory minus headroom minus every
+backend's reservation, plus what this engine's own backends hold there); before loading, idle backends
+drawing on the same memory are unloaded, least recently used first, until the new backend's smallest
+reservation (weights + activation allowance + one sequence's KV cache) fits both the device's budget and
+its ledger; each backend then reserves in the ledger itself and admission uses the KV budget it was granted.
+
 Failures: a backend that fails to load, or fails a request before streaming any text, marks its device
 unhealthy (exponential back-off) and the request is placed again without that device; the reply's
 placement names the device that served it and the failures that moved it.
@@ -41,8 +48,9 @@ from backends.base import (
     TokenLogprob,
 )
 from backends.isolated import IsolatedBackend
-from backends.memory import device_budget, fits
+from backends.memory import MemoryLedger, device_budget, fits, load_need
 from backends.prompt import PromptEncoder
+from plugin.engine.budget import LedgerLookup, live_ledger, same_memory
 from plugin.engine.costmodel import CostModel
 from plugin.engine.devices import DeviceInfo, discover_devices
 from plugin.engine.health import HealthTracker
@@ -52,6 +60,8 @@ from plugin.models.resolve import ResolvedModel, resolve_model
 log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[ResolvedModel, Placement, DeviceInfo], Backend]
+LOAD_MAX_BATCH = 8
+"""The batch the room made before a load is sized for (the backends' default max_batch_size)."""
 
 
 class EngineError(RuntimeError):
@@ -153,7 +163,10 @@ class Engine:
         max_queue: int = 32,
         isolate_backends: bool = False,
         cpu_backend: str = "auto",
+        ledgers: LedgerLookup | None = None,
     ) -> None:
+        """`ledgers`: device -> its memory ledger (default: the process's live ledgers, plugin/engine/budget.py;
+        `budget.no_ledger` for static budgets only)."""
         self.model = model
         self.policy = policy
         self.devices: list[DeviceInfo] = list(devices) if devices is not None else discover_devices()
@@ -165,6 +178,7 @@ class Engine:
             raise ValueError(f"unknown cpu_backend {cpu_backend!r}; choose 'auto' or one of {names}")
         self.cpu_backend = cpu_backend  # "auto", or the runtime the CPU must use (e.g. "torch")
         self.health = health or HealthTracker()
+        self._ledgers: LedgerLookup = ledgers if ledgers is not None else live_ledger
         self.costs = cost_model if cost_model is not None else CostModel.load_default()
         if backend_factory is None:
             from plugin.engine.loaders import default_backend_factory
@@ -584,7 +598,8 @@ class Engine:
                 return self._slots[key]
             device = next(d for d in self.devices if d.id == placement.device_id)
             weight_bytes = self.model.profile.weight_bytes(placement.precision)
-            await self._make_room(device, weight_bytes)
+            need = load_need(self.model.profile, placement.precision, max_batch=LOAD_MAX_BATCH)
+            await self._make_room(device, need)
             loop = asyncio.get_running_loop()
             backend = await loop.run_in_executor(self._pool, self._load_backend, placement, device)
             caps = backend.capabilities()
@@ -609,20 +624,54 @@ class Engine:
         return backend
 
     async def _make_room(self, device: DeviceInfo, needed: int) -> None:
-        """Unload idle backends on this device, least recently used first, until `needed` bytes fit."""
+        """Unload idle backends drawing on this device's memory (the device itself, or the same ledger, e.g.
+        host RAM), least recently used first, until `needed` bytes fit both the device's budget and what its
+        ledger has left. If they still do not fit, the backend's own reservation refuses the load, and the
+        request moves to another device."""
         budget = device_budget(
             device.kind, device.memory_bytes, simulated=device.simulated, host_memory_bytes=self._host_memory()
         )
-        on_device = sorted((s for s in self._slots.values() if s.device.id == device.id), key=lambda s: s.last_used)
-        used = sum(s.weight_bytes for s in on_device)
-        for slot in on_device:
-            if used + needed <= budget:
-                break
+        book = self._ledgers(device)
+
+        def lacking() -> int:
+            on_device = sum(self._held(s) for s in self._slots.values() if s.device.id == device.id)
+            lack = on_device + needed - budget
+            if book is not None:
+                lack = max(lack, needed - book.available())
+            return lack
+
+        sharing = sorted(
+            (s for s in self._slots.values() if same_memory(s.device, device, self._ledgers)),
+            key=lambda s: s.last_used,
+        )
+        for slot in sharing:
+            if lacking() <= 0:
+                return
             if slot.active or slot.waiting:
                 continue
-            log.info("unloading idle %s from %s to make room", slot.key, device.id)
+            log.info("unloading idle %s from %s to make room on %s", slot.key, slot.device.id, device.id)
             await self._unload(slot)
-            used -= slot.weight_bytes
+        if lacking() > 0:
+            short = lacking()
+            log.info("%s: %d bytes short with idle backends unloaded; the load may be refused", device.id, short)
+
+    @staticmethod
+    def _held(slot: _Slot) -> int:
+        """What a loaded backend holds: its ledger reservation, else (a backend in another process, one that
+        does not reserve) its weights."""
+        reservation = getattr(slot.backend, "reservation", None)
+        return reservation.total if reservation is not None else slot.weight_bytes
+
+    def _memory_available(self, device: DeviceInfo, ledgers: dict[int, int], slots: list[_Slot]) -> int | None:
+        """What this engine could use on `device` now: its ledger's free room plus what this engine's backends
+        hold on the same memory; None when its memory is not measured."""
+        book: MemoryLedger | None = self._ledgers(device)
+        if book is None:
+            return None
+        if id(book) not in ledgers:
+            ledgers[id(book)] = book.available()
+        own = sum(self._held(s) for s in slots if same_memory(s.device, device, self._ledgers))
+        return ledgers[id(book)] + own
 
     def _host_memory(self) -> int | None:
         cpu = next((d for d in self.devices if d.kind == "cpu" and not d.simulated), None)
@@ -652,6 +701,7 @@ class Engine:
     def _load_snapshot(self) -> dict[str, DeviceLoad]:
         snap = {}
         all_slots = list(self._slots.values())
+        available: dict[int, int] = {}  # one reading per ledger
         for d in self.devices:
             slots = [s for s in all_slots if s.device.id == d.id]
             snap[d.id] = DeviceLoad(
@@ -660,6 +710,7 @@ class Engine:
                 queued_tokens=sum(s.waiting_tokens for s in slots),
                 healthy=self.health.is_healthy(d.id),
                 unhealthy_reason=self.health.reason(d.id),
+                memory_available_bytes=self._memory_available(d, available, all_slots),
             )
         return snap
 

@@ -8,10 +8,13 @@ Feasibility (a device that fails any rule is never chosen; it is listed with the
 - the device has the runtime the placement needs (an NPU needs onnxruntime-genai for its provider);
 - NPU: at most `NPU_MAX_PARAMS` parameters (4B: the NPU LLMs vendors ship are 3-4B, e.g. Phi-3-mini
   3.8B, Phi Silica 3.3B) and only a quantized onnxruntime-genai export (int4);
-- memory: weights at the device's precision + KV cache for (prompt + max_new_tokens) x concurrency
-  must fit `MEMORY_FRACTION` of the device's memory (GPU 90%: the CUDA context, activations and
-  allocator fragmentation take the rest; CPU and NPU 75%: system RAM is shared with the OS and the
-  server). A simulated device also has to fit the CPU's budget, since its weights live in host RAM.
+- memory: weights at the device's precision + an activation allowance (one prompt's prefill and the
+  sampling tensors of the streams) + KV cache for (prompt + max_new_tokens) x concurrency must fit the
+  device's budget: `MEMORY_FRACTION` of its memory (GPU 90%: the CUDA context and allocator fragmentation
+  take the rest; CPU and NPU 75%: system RAM is shared with the OS and the server), and no more than its
+  memory ledger has left now (`DeviceLoad.memory_available_bytes`: live free memory minus headroom minus
+  what other backends reserved, plus what this engine's own backends hold there). A simulated device also
+  has to fit the CPU's budget, since its weights live in host RAM.
 
 Precision per device: NPU int4 (onnxruntime-genai); GPU bf16 when the GPU has it (compute capability
 8.0+), else fp16; a simulated GPU runs torch on the CPU, in bf16 when the CPU has native bf16
@@ -45,7 +48,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from backends import registry
-from backends.memory import MEMORY_FRACTION, device_budget, fits, kv_cache_bytes
+from backends.memory import MEMORY_FRACTION, activation_bytes, activation_element_bytes, device_budget, kv_cache_bytes
 from backends.profile import ModelProfile
 from backends.registry import BackendSpec
 from plugin.engine.costmodel import CostModel, Rates
@@ -77,6 +80,9 @@ class DeviceLoad:
     queued_tokens: int = 0
     healthy: bool = True
     unhealthy_reason: str = ""
+    # live, from the device's memory ledger: bytes this engine could use there now (None: not measured, the
+    # static budget alone applies)
+    memory_available_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,9 @@ class _Candidate:
     why: str  # why infeasible, or the fit sentence when feasible
     weights: int = 0
     kv: int = 0
+    activations: int = 0
     budget: int = 0
+    budget_note: str = ""
     rates: Rates | None = None
     wait_s: float = 0.0
     ttft_s: float = 0.0
@@ -342,18 +350,24 @@ def _evaluate(
         )
     context = request.prompt_tokens + request.max_new_tokens
     budget = _budget(device, cpu)
+    note = _budget_note(device, cpu, budget)
+    live = load.memory_available_bytes
+    if live is not None and live < budget:
+        budget = max(live, 0)
+        note = LIVE_NOTE
     for option in options:  # the first that fits; the last one's numbers if none does
         backend, precision = option
         weights = profile.weight_bytes(precision)
-        batch = [context] * request.concurrency
-        kv = kv_cache_bytes(batch, profile.kv_bytes_per_token(precision))
-        if fits(weights, batch, profile.kv_bytes_per_token(precision), budget):
+        kv = kv_cache_bytes([context] * request.concurrency, profile.kv_bytes_per_token(precision))
+        activations = _activations(profile, precision, request)
+        if weights + activations + kv <= budget:
             break
     base = replace(base, backend=backend, precision=precision)
-    if weights + kv > budget:
+    if weights + activations + kv > budget:
         return no(
-            f"needs {format_bytes(weights + kv)} ({format_bytes(weights)} weights at {precision} + "
-            f"{format_bytes(kv)} KV cache) but its budget is {format_bytes(budget)}" + _budget_note(device, cpu, budget)
+            f"needs {format_bytes(weights + activations + kv)} ({format_bytes(weights)} weights at {precision} + "
+            f"{format_bytes(activations)} activations + {format_bytes(kv)} KV cache) but its budget is "
+            f"{format_bytes(budget)}" + note
         )
 
     rates = costs.rates(device, profile, precision)
@@ -380,7 +394,9 @@ def _evaluate(
         "",
         weights=weights,
         kv=kv,
+        activations=activations,
         budget=budget,
+        budget_note=note,
         rates=rates,
         wait_s=wait,
         ttft_s=ttft,
@@ -390,6 +406,21 @@ def _evaluate(
         energy_j=watts * (total - wait),
         watts=watts,
         streams=c,
+    )
+
+
+LIVE_NOTE = " (what its memory ledger has left now: free memory minus headroom minus other backends' reservations)"
+
+
+def _activations(profile: ModelProfile, precision: str, request: PlacementRequest) -> int:
+    """The activation allowance of the one budget (backends/memory.py): one prompt's prefill and the sampling
+    tensors of the request's streams."""
+    return activation_bytes(
+        hidden_size=profile.hidden_size,
+        vocab_size=profile.vocab_size,
+        element_bytes=activation_element_bytes(precision),
+        prefill_tokens=request.prompt_tokens,
+        max_batch=request.concurrency,
     )
 
 
@@ -533,11 +564,10 @@ def _reason(c: _Candidate, why: str, profile: ModelProfile, request: PlacementRe
     d = c.device
     streams = f" x {request.concurrency} streams" if request.concurrency > 1 else ""
     context = request.prompt_tokens + request.max_new_tokens
-    pct = round(MEMORY_FRACTION[d.kind] * 100)
     fit = (
         f"{format_params(profile.num_parameters)}-param model ({format_bytes(c.weights)} at {c.precision} + "
         f"{format_bytes(c.kv)} KV cache for {context} tokens{streams}) fits {d.id}'s "
-        f"{format_bytes(c.budget)} budget ({pct}% of {format_bytes(d.memory_bytes)})"
+        f"{format_bytes(c.budget)} budget{c.budget_note}"
     )
     assert c.rates is not None
     predicted = (
