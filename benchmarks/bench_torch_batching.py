@@ -6,16 +6,21 @@ Each repeat runs one worker process per implementation (alternating which goes f
   2. TorchBackend with N concurrent streams for each N in `--streams` (different prompts, submitted together);
   3. an audit of one steady decode step at the largest N (benchmarks/step_audit.py): host syncs, uploads and
      aten ops outside the model's forward;
-  4. the streams at N = 8 again beside a request with temperature=1e-39: how many produce the same tokens.
+  4. the streams at N = 8 again beside a request with temperature=1e-39: how many produce the same tokens;
+  5. on CUDA only, transformers' own continuous batching (`model.generate_batch`, paged attention,
+     `attn_implementation="sdpa_paged"`) on the same prompts at each N, side by side in the table. On the CPU it
+     is recorded as not measured: transformers 4.57's continuous batching probes CUDA memory and fails there.
 Every run generates exactly `--new-tokens` tokens (EOS is ignored) so the rates compare like with like.
 Decode rate = (tokens - 1) / (last token time - first token time) per stream; aggregate rate = all new
 tokens / wall time from submission to the last token (includes prefill). Medians over the repeats.
 `--sampling` gives every stream temperature 0.8, top-k 50, top-p 0.95, repetition penalty 1.1 and its own
 seed (the per-row sampling path); the default is greedy.
 
-Runs on CUDA when torch sees a GPU (the numbers are then GPU numbers and labelled so), else on the CPU.
-Usage: python benchmarks/bench_torch_batching.py [--model default] [--streams 1,4,8,16] [--repeats 3]
-       [--threads 1] [--sampling] [--baseline-src DIR]
+Runs on CUDA when torch sees a GPU (the numbers are then GPU numbers and labelled so), else on the CPU;
+`--device cuda:N` pins a GPU (the backend checks it exists, picks bf16 only at compute capability >= 8.0 of
+that GPU, and its runner thread sets that device), `--dtype` overrides the precision.
+Usage: python benchmarks/bench_torch_batching.py [--model default] [--device auto|cpu|cuda:N] [--dtype auto]
+       [--streams 1,4,8,16] [--repeats 3] [--threads 1] [--sampling] [--baseline-src DIR]
 `--baseline-src DIR` is a folder holding another version's `backends` package (for example
 `git archive <commit> backends | tar -x -C DIR`); its workers import the backend from there.
 
@@ -217,6 +222,48 @@ def poison_check(backend: TorchBackend, prompts: list[list[dict]], reference: li
     }
 
 
+CB_NOT_ON_CPU = (
+    "not measured: transformers 4.57's continuous batching (generate_batch) probes CUDA memory and fails on the "
+    "CPU; run this script on a GPU (--device cuda:N) to compare it side by side"
+)
+
+
+def run_transformers_cb(backend: TorchBackend, prompt_ids: list[list[int]], counts: list[int], args: Any) -> dict:
+    """transformers' own continuous batching (paged attention) on the same prompts, CUDA only: aggregate tok/s
+    at each stream count (wall time of one `generate_batch` call of N prompts), greedy, fixed length."""
+    if backend.device.type != "cuda":
+        return {"skipped": CB_NOT_ON_CPU}
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    kwargs: dict[str, Any] = {"gguf_file": backend.gguf_file} if backend.gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            backend.folder,
+            dtype=backend.model.dtype,
+            attn_implementation="sdpa_paged",
+            device_map={"": backend.device},
+            **kwargs,
+        ).eval()
+        config = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        model.generate_batch(inputs=prompt_ids[:1], generation_config=config, progress_bar=False)  # warm-up
+        out: dict[str, Any] = {"attn_implementation": "sdpa_paged", "streams": {}}
+        for n in counts:
+            torch.cuda.synchronize(backend.device)
+            t0 = time.perf_counter()
+            results = model.generate_batch(inputs=prompt_ids[:n], generation_config=config, progress_bar=False)
+            torch.cuda.synchronize(backend.device)
+            wall = time.perf_counter() - t0
+            tokens = sum(len(r.generated_tokens) for r in results.values())
+            failed = sum(1 for r in results.values() if r.error) + n - len(results)
+            rate = tokens / wall
+            out["streams"][str(n)] = {"tokens": tokens, "wall_s": wall, "aggregate_tps": rate, "failed": failed}
+        del model
+        torch.cuda.empty_cache()
+        return out
+    except Exception as e:  # recorded in the results: the comparison says why it could not run
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One repeat of every measurement for the implementation importable now (this checkout or --src)."""
     from plugin.models.resolve import resolve_model
@@ -250,6 +297,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     out["audit"] = audit(backend, prompts[: max(counts)], args.sampling)
     n = max(c for c in counts if c <= 8)  # last: in an older version the poisoned request may kill the runner
     out["poison"] = poison_check(backend, prompts[:n], out["streams"][str(n)]["ids"], args)
+    if not args.src:  # once per repeat: it does not depend on which version of our backend runs
+        all_ids = [backend.prompt_ids(GenerationRequest(messages=m)) for m in prompts]
+        out["transformers_cb"] = run_transformers_cb(backend, all_ids, counts, args)
     backend.unload()
     return out
 
@@ -343,17 +393,34 @@ def main() -> None:
             f"{a['uploads']:.0f}",
             f"{a['ops']:.0f}",
         )
+    cb_runs = [r["transformers_cb"] for r in runs["current"] if "transformers_cb" in r]
+    cb_measured = [r for r in cb_runs if "streams" in r]
+    if cb_measured:
+        cb_rates = {n: statistics.median(r["streams"][n]["aggregate_tps"] for r in cb_measured) for n in counts}
+        med["transformers_generate_batch"] = {"aggregate_tps": cb_rates}
+        table.add_row(
+            "transformers generate_batch (paged)",
+            *(f"{med['transformers_generate_batch']['aggregate_tps'][n]:.1f}" for n in counts),
+            "-",
+            "-",
+            "-",
+        )
     ratios = Table(title="aggregate tok/s / the same worker's plain model.generate batch-1 decode tok/s (medians)")
     ratios.add_column("implementation")
     for n in counts:
         ratios.add_column(f"{n} stream{'s' if n != '1' else ''}", justify="right")
     for name, m in med.items():
-        ratios.add_row(name, *(f"{m['aggregate_vs_plain_generate'][n]:.2f}" for n in counts))
+        if "aggregate_vs_plain_generate" in m:
+            ratios.add_row(name, *(f"{m['aggregate_vs_plain_generate'][n]:.2f}" for n in counts))
     console = Console(width=120)
     console.print(table)
     console.print(ratios)
     for name, m in med.items():
-        console.print(f"{name}: plain model.generate batch 1 decode {m['plain_generate_b1_decode_tps']:.1f} tok/s")
+        if "plain_generate_b1_decode_tps" in m:
+            console.print(f"{name}: plain model.generate batch 1 decode {m['plain_generate_b1_decode_tps']:.1f} tok/s")
+    cb_note = next((r.get("error") or r.get("skipped") for r in cb_runs if "streams" not in r), None)
+    if cb_note:
+        console.print(f"transformers generate_batch: {cb_note}")
     if same_ids is not None:
         console.print(f"greedy token ids identical across implementations: {same_ids}")
     for name, rs in runs.items():
@@ -385,6 +452,7 @@ def main() -> None:
         "repeats": args.repeats,
         "implementations": {name: ("--baseline-src" if src else "this checkout") for name, src in impls.items()},
         "greedy_ids_identical": same_ids,
+        "transformers_generate_batch": cb_measured[0] if cb_measured else (cb_runs[0] if cb_runs else None),
         "medians": med,
         "runs": runs,
     }
