@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scheduler.py                # live replay on disjoint cores + trace simulations
     accelserve bench scheduler --quick                  # smoke run: a short trace, small generations
+    python benchmarks/bench_scheduler.py --cluster-fleet  # only the simulated cluster fleet (section 4)
 
 Workload: a seeded trace (`benchmarks/workload.py`) of short chats, long generations and bursts for two
 models. The small model is the one given (default: SmolLM2-135M-Instruct). The large model is the SAME
@@ -21,6 +22,11 @@ Three sources, each labelled in the output:
    per-device rates the live run measured; a check of the simulator against the live numbers.
 3. simulated (hypothetical fleet): a GPU, an NPU and an 8-core CPU with the device-profile rates of
    plugin/costmodel.py (which cites its sources), on a longer trace, under every policy.
+4. simulated (hypothetical cluster fleet, `--cluster-fleet`): what `accelserve serve --ray` places over,
+   one device per replica: 1 GPU node + 4 NPU nodes, 2 + 8, and 4 + 16, with the same device profiles and
+   an arrival rate that grows with the fleet (the same load per node), under every policy; plus the
+   measured wall time of one place() call over that many devices on this CPU (the ingress pays it per
+   request). Written to benchmarks/results/scheduler_cluster_fleet.json.
 Energy: measured from RAPL (/sys/class/powercap) or NVML when readable, else estimated from device-profile
 watts x busy time; the label says which.
 Writes benchmarks/results/scheduler.json and PNG plots beside it.
@@ -451,6 +457,122 @@ def run_simulation(
     return {"source": source, "devices": [d.to_dict() for d in devices], "capacity": capacity, "runs": runs}
 
 
+# ---- a simulated cluster fleet (what `accelserve serve --ray` places over) -----------------------------------
+
+CLUSTER_UNIT = TraceShape(  # the load one unit (1 GPU node + 4 NPU nodes) is offered; a fleet of k units gets k x
+    duration_s=300, chat_rate=2.0, long_rate=0.1, bursts=4, burst_size=16
+)
+CLUSTER_FLEETS = ((1, 4), (2, 8), (4, 16))  # (GPU nodes, NPU nodes)
+CLUSTER_POLICIES = ("auto", "latency", "throughput", "energy", "gpu", "npu")
+
+
+def cluster_fleet_devices(gpus: int, npus: int) -> list[Any]:
+    """`gpus` GPU nodes and `npus` NPU nodes, one device each, with fleet_devices()' profiles (not hardware)."""
+    base = {d.kind: d for d in fleet_devices()}
+    return [dataclasses.replace(base["gpu"], index=i) for i in range(gpus)] + [
+        dataclasses.replace(base["npu"], index=i) for i in range(npus)
+    ]
+
+
+class _TimedPlace:
+    """place(), timing every call: the ingress's decision cost over a fleet, measured on this CPU."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from plugin.engine.scheduler import place
+
+        t0 = time.perf_counter()
+        try:
+            return place(*args, **kwargs)
+        finally:
+            self.seconds.append(time.perf_counter() - t0)
+
+
+def cluster_fleet(args: argparse.Namespace, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Section 4: the same placement over fleets of 5, 10 and 20 nodes at the same load per node (simulated)."""
+    from benchmarks.common import percentile
+    from plugin.engine.costmodel import CostModel
+    from plugin.models.resolve import resolve_model
+
+    small = resolve_model(args.model)
+    profiles = {"small": small.profile, "large": large_profile(small.profile)}
+    slo = SLO(args.slo_ttft, args.slo_tpot)
+    costs = CostModel(path=None)
+    fleets = {}
+    for gpus, npus in CLUSTER_FLEETS:
+        k = gpus
+        shape = dataclasses.replace(
+            CLUSTER_UNIT,
+            duration_s=60 if args.quick else CLUSTER_UNIT.duration_s,
+            chat_rate=CLUSTER_UNIT.chat_rate * k,
+            long_rate=CLUSTER_UNIT.long_rate * k,
+            bursts=CLUSTER_UNIT.bursts * k,
+        )
+        trace = count_prompt_tokens(small.path, make_trace(shape, args.seed))
+        devices = cluster_fleet_devices(gpus, npus)
+        runs = {}
+        for policy in CLUSTER_POLICIES:
+            progress(f"cluster fleet {gpus} GPU + {npus} NPU nodes, {policy}")
+            timed = _TimedPlace()
+            outcomes = simulate(trace, profiles, devices, policy, costs, {"gpu": 8, "npu": 4}, place_fn=timed)
+            m = metrics(outcomes, slo, {d.id: costs.watts(d) for d in devices}, None,
+                        "estimated (simulated): device-profile watts x simulated busy time")  # fmt: skip
+            m["place_call_ms"] = {
+                "p50": percentile(timed.seconds, 50) * 1e3,
+                "p95": percentile(timed.seconds, 95) * 1e3,
+                "source": "measured on this CPU (real place() over the simulated fleet)",
+            }
+            runs[policy] = {"metrics": m}
+        fleets[f"{gpus}gpu_{npus}npu"] = {
+            "source": f"simulated (hypothetical cluster fleet): {gpus} GPU nodes + {npus} NPU nodes, device profiles",
+            "gpus": gpus,
+            "npus": npus,
+            "trace": {"shape": shape.describe(), "requests": len(trace)},
+            "capacity": {"gpu": 8, "npu": 4},
+            "devices": [d.to_dict() for d in devices[:1] + devices[gpus : gpus + 1]],  # one of each kind
+            "runs": runs,
+        }
+    return {
+        "benchmark": "scheduler_cluster_fleet",
+        "label": "simulated: device profiles of plugin/engine/costmodel.py, not hardware; place() timings measured",
+        "model": {"small": profiles["small"].to_dict(), "large": profiles["large"].to_dict()},
+        "settings": {"seed": args.seed, "quick": args.quick, "slo": slo.describe()},
+        "machine": machine_info(),
+        "fleets": fleets,
+    }
+
+
+def print_cluster_fleet(result: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{result['label']} - SLO: {result['settings']['slo']}")
+    for col in ("fleet", "policy", "requests", "failed", "p50 s", "p95 s", "TTFT p95", "goodput", "tok/s", "J/token",
+                "GPU/NPU share", "place() ms p50/p95"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("fleet", "policy") else "right")
+    for name, fleet in result["fleets"].items():
+        for policy, run in fleet["runs"].items():
+            m = run["metrics"]
+            on_gpu = sum(v["requests"] for d, v in m["per_device"].items() if d.startswith("gpu"))
+            on_npu = sum(v["requests"] for d, v in m["per_device"].items() if d.startswith("npu"))
+            table.add_row(
+                name,
+                policy,
+                str(m["requests"]),
+                str(m["failed"]),
+                _f(m["latency_p50_s"]),
+                _f(m["latency_p95_s"]),
+                _f(m["ttft_p95_s"]),
+                f"{m['goodput_fraction']:.0%}",
+                _f(m["throughput_tps"], 0),
+                _f(m["energy"]["per_token_j"], 3),
+                f"{on_gpu}/{on_npu}",
+                f"{m['place_call_ms']['p50']:.2f}/{m['place_call_ms']['p95']:.2f}",
+            )
+    console.print(table)
+
+
 # ---- orchestration and reporting -----------------------------------------------------------------------------
 
 
@@ -614,6 +736,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: a 6 s trace with short generations")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "scheduler.json", help="JSON path; plots go beside it")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--cluster-fleet",
+        action="store_true",
+        help="only the simulated cluster fleet (1+4, 2+8, 4+16 GPU+NPU nodes); writes scheduler_cluster_fleet.json",
+    )
     return p
 
 
@@ -643,6 +770,14 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         console.print(f"[yellow]warning:[/] {note}")
     started = time.perf_counter()
+    if args.cluster_fleet:
+        with console.status("simulating cluster fleets") as status:
+            fleet = cluster_fleet(args, lambda text: status.update(text))
+        fleet["wall_s"] = time.perf_counter() - started
+        print_cluster_fleet(fleet, console)
+        out = write_json(args.out.with_name("scheduler_cluster_fleet.json"), fleet)
+        console.print(f"wrote {out}")
+        return 0
     with console.status("benchmarking the scheduler") as status:
         result = benchmark(args, lambda text: status.update(f"scheduler benchmark: {text}"))
     result["wall_s"] = time.perf_counter() - started
