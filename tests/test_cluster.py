@@ -19,8 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install accelserve[ray]")
 openai = pytest.importorskip("openai")
 
-pytestmark = pytest.mark.slow  # starts a Ray cluster and three replicas: about a minute on 2 cores
-
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 100 * 2**20}
 
 
@@ -36,6 +34,180 @@ def test_single_machine_paths_do_not_import_ray():
         "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- without a cluster: resources, the command line, and the ingress's routing over fake replicas ----------
+
+
+def test_devices_map_to_ray_resources_by_class():
+    from plugin.cluster.resources import cluster_classes, device_class, node_resources
+    from plugin.engine.devices import discover_cpu, parse_simulation
+
+    cpu = discover_cpu()
+    sims = parse_simulation("gpu:4GB,npu:8GB,npu:8GB")
+    assert [device_class(d).name for d in sims] == ["sim_gpu", "sim_npu", "sim_npu"]
+    assert device_class(cpu).resource == "accelserve_cpu"
+    # an accelerator node does not offer its CPU unless asked; a plain CPU node does
+    assert node_resources([cpu, *sims]) == {"accelserve_sim_gpu": 1.0, "accelserve_sim_npu": 2.0}
+    assert node_resources([cpu]) == {"accelserve_cpu": 1.0}
+    assert node_resources([cpu, *sims], serve_cpu=True)["accelserve_cpu"] == 1.0
+    assert cluster_classes({"CPU": 4.0, "GPU": 2.0, "accelserve_sim_npu": 3.0, "memory": 1e9}) == {
+        "gpu": 2,
+        "sim_npu": 3,
+    }
+
+
+def test_a_replica_claims_a_free_device_of_its_class(tmp_path):
+    from plugin.cluster.replica import DeviceClaimError, claim_device
+    from plugin.engine.devices import parse_simulation
+
+    devices = parse_simulation("npu:8GB,npu:8GB")
+    first, lock1 = claim_device("sim_npu", devices, tmp_path)
+    second, lock2 = claim_device("sim_npu", devices, tmp_path)
+    assert (first.index, second.index) == (0, 1)
+    with pytest.raises(DeviceClaimError, match="held by another replica"):
+        claim_device("sim_npu", devices, tmp_path)
+    with pytest.raises(DeviceClaimError, match="without such a device"):
+        claim_device("sim_gpu", devices, tmp_path)
+    lock1.release()
+    assert claim_device("sim_npu", devices, tmp_path)[0].index == 0
+    lock2.release()
+
+
+def test_serve_ray_refuses_what_it_cannot_do_before_starting_ray(capsys):
+    from plugin.serve.cli import main
+
+    assert main(["serve", "--ray", "--model", "a", "--model", "b"]) != 0
+    assert "one model per application" in " ".join(capsys.readouterr().err.split())
+    assert main(["serve", "--ray", "head:6379", "--isolate-backends"]) != 0
+    assert "each device replica already runs in its own Ray process" in " ".join(capsys.readouterr().err.split())
+
+
+class FakeStream:
+    """What `handle.options(stream=True).generate.remote(...)` returns: items, then maybe a Ray error."""
+
+    def __init__(self, items: list, error: BaseException | None) -> None:
+        self.items, self.error, self.cancelled = list(items), error, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.items:
+            return self.items.pop(0)
+        if self.error is not None:
+            raise self.error
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeReplicas:
+    """A deployment handle over scripted replicas: {replica_id: (chunks to stream, error raised after them)}."""
+
+    def __init__(self, script: dict) -> None:
+        self.script, self.calls = script, []
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, request, replica_id=None):
+        self.calls.append(replica_id)
+        items, error = self.script[replica_id]
+        return FakeStream(items, error)
+
+
+class FakeBoard:
+    def __init__(self, reports) -> None:
+        self.reports = reports
+
+    @property
+    def snapshot(self):
+        return self
+
+    async def remote(self):
+        return self.reports
+
+
+def fake_cluster(tiny_llama, script_for):
+    """A ClusterEngine over two simulated GPUs on two nodes; `script_for(reports, placement)` scripts them."""
+    from dataclasses import replace
+
+    from plugin.cluster.board import ReplicaReport
+    from plugin.cluster.engine import ClusterEngine
+    from plugin.cluster.replica import Served
+    from plugin.engine.costmodel import CostModel
+    from plugin.engine.devices import parse_simulation
+    from plugin.engine.engine import ChatChunk, RequestMetrics
+    from plugin.engine.scheduler import Placement
+    from plugin.models.resolve import resolve_model
+
+    gpu = parse_simulation("gpu:4GB")[0]
+    reports = [
+        ReplicaReport(f"r{i}", "sim_gpu", f"{i}" * 8 + "ffff", gpu.to_dict(), capacity=8, actor_name=f"a{i}")
+        for i in range(2)
+    ]
+    local = Placement("gpu", "gpu:0", "torch", "CPUExecutionProvider", "fp32", "replica's reason", True, 0.1, 10, ())
+
+    def chunks(report, texts, final):
+        out = [Served(report)]
+        out += [ChatChunk(t, local, "req", completion_tokens=i + 1) for i, t in enumerate(texts)]
+        if final:
+            out.append(ChatChunk("", local, "req", "stop", RequestMetrics(new_tokens=len(texts))))
+        return out
+
+    handle = FakeReplicas(script_for(reports, chunks))
+    engine = ClusterEngine(
+        resolve_model(tiny_llama), {"sim_gpu": handle}, FakeBoard(reports), costs=CostModel(path=None)
+    )
+    engine.reports = reports
+    return engine, handle, replace
+
+
+async def collect(engine):
+    from backends.base import GenerationRequest, SamplingParams
+
+    request = GenerationRequest(messages=[{"role": "user", "content": "hi"}], sampling=SamplingParams(max_new_tokens=4))
+    return [c async for c in engine.astream(request)]
+
+
+async def test_a_replica_lost_before_any_token_is_replaced_by_another(tiny_llama):
+    from ray.exceptions import ActorDiedError
+
+    def script(reports, chunks):
+        return {
+            "r0": (chunks(reports[0], [], False), ActorDiedError()),
+            "r1": (chunks(reports[1], ["a", "b"], True), None),
+        }
+
+    engine, handle, _ = fake_cluster(tiny_llama, script)
+    engine._inflight["r1"] = [10]  # r1 busier: place() picks r0 first
+    got = await collect(engine)
+    assert handle.calls == ["r0", "r1"]
+    assert "".join(c.text for c in got) == "ab" and got[-1].finish_reason == "stop"
+    placement = got[-1].placement
+    assert placement.device_id == "gpu:0@11111111" and placement.fallback_from == ("gpu:0@00000000",)
+    assert "replica lost before any token (ActorDiedError)" in placement.reason
+
+
+async def test_a_replica_dying_mid_stream_ends_it_with_an_error(tiny_llama):
+    from ray.exceptions import ActorDiedError
+
+    def script(reports, chunks):
+        return {"r0": (chunks(reports[0], ["a"], False), ActorDiedError()), "r1": ([], None)}
+
+    engine, handle, _ = fake_cluster(tiny_llama, script)
+    engine._inflight["r1"] = [10]
+    got = await collect(engine)
+    assert handle.calls == ["r0"]  # never sent again: its text was already streamed
+    assert [c.text for c in got] == ["a", ""] and got[-1].finish_reason == "error"
+    assert "stopped after 1 chunk(s)" in got[-1].error and "gpu:0@00000000" in got[-1].error
+    assert not engine._inflight.get("r0")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +267,7 @@ def chat(cluster, policy: str | None = None, stream: bool = True):
     return text, response.headers
 
 
+@pytest.mark.slow  # shares the module's Ray cluster: ~1 min to start on 2 cores
 def test_openai_client_streams_with_the_replicas_device(cluster):
     text, headers = chat(cluster)
     assert text  # a tiny random model says something
@@ -106,6 +279,7 @@ def test_openai_client_streams_with_the_replicas_device(cluster):
         assert headers["x-accelserve-simulated"] == "true" and headers["x-accelserve-device"] == "gpu"
 
 
+@pytest.mark.slow  # shares the module's Ray cluster: ~1 min to start on 2 cores
 def test_a_device_only_one_node_has_is_served_by_that_node(cluster):
     _, headers = chat(cluster, policy="cpu")
     assert headers["x-accelserve-device-id"] == f"cpu:0@{cluster['node_b'].node_id[:8]}"
@@ -120,6 +294,7 @@ def replicas(deployment: str) -> list:
     return [r for r in board.snapshot.remote().result() if r.deployment == deployment]
 
 
+@pytest.mark.slow  # shares the module's Ray cluster: ~1 min to start on 2 cores
 def test_killing_a_replica_moves_the_next_request_to_another(cluster):
     _, headers = chat(cluster, policy="gpu")
     node = headers["x-accelserve-device-id"].partition("@")[2]
@@ -131,6 +306,7 @@ def test_killing_a_replica_moves_the_next_request_to_another(cluster):
     assert headers["x-accelserve-device-id"].partition("@")[2] != node, headers["x-accelserve-device-id"]
 
 
+@pytest.mark.slow  # shares the module's Ray cluster: ~1 min to start on 2 cores
 def test_metrics_count_requests_from_every_replica(cluster):
     before = served_by_device(cluster)
     for policy in ("cpu", "gpu", "cpu"):
