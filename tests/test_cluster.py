@@ -83,6 +83,24 @@ def test_serve_ray_refuses_what_it_cannot_do_before_starting_ray(capsys):
     assert "each device replica already runs in its own Ray process" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_replica_fails_serves_health_check_when_its_device_is_unhealthy():
+    from plugin.cluster.replica import DeviceReplica
+    from plugin.engine.devices import parse_simulation
+
+    class Engine:
+        healthy, reason = True, ""
+
+        def status(self):
+            return [{"healthy": self.healthy, "unhealthy_reason": self.reason, "loaded": [], "active": 0, "waiting": 0}]
+
+    replica = object.__new__(DeviceReplica.func_or_class)  # the class Ray Serve runs, without Ray
+    replica.engine, replica.device, replica.class_name = Engine(), parse_simulation("npu:8GB")[0], "sim_npu"
+    replica.check_health()  # healthy: returns, Serve keeps the replica
+    replica.engine.healthy, replica.engine.reason = False, "onnxruntime-genai: its batching thread crashed"
+    with pytest.raises(RuntimeError, match=r"npu:0 \(sim_npu\) is unhealthy: onnxruntime-genai: its batching"):
+        replica.check_health()  # Serve stops this replica and starts another
+
+
 class FakeStream:
     """What `handle.options(stream=True).generate.remote(...)` returns: items, then maybe a Ray error."""
 

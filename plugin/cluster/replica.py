@@ -101,6 +101,7 @@ class DeviceReplica:
         )  # fmt: skip
         await self._report()
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
+        self._closed = False
 
     # ---- what the ingress calls -----------------------------------------------------------------
     async def generate(
@@ -145,15 +146,16 @@ class DeviceReplica:
             except Exception as e:  # the board restarting must not stop the replica; the next report retries
                 log.warning("could not report load to the board: %s", e)
 
-    async def __del__(self) -> None:
-        """Serve's graceful shutdown (also after a failed start: only what was built is closed)."""
-        if hasattr(self, "_reporter"):
-            self._reporter.cancel()
-            try:
-                await self.board.forget.remote(self.replica_id)
-            except Exception as e:  # the board is going away too; it drops stale reports on its own
-                log.info("could not remove this replica from the board: %s", e)
-        if hasattr(self, "engine"):
-            await asyncio.to_thread(self.engine.close)
-        if hasattr(self, "_lock"):
-            self._lock.release()
+    def __del__(self) -> None:
+        """Serve's graceful shutdown (also after a failed start: only what was built is closed). Synchronous, so
+        that the garbage collector calling it again later is harmless."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._reporter.cancel()
+        try:
+            self.board.forget.remote(self.replica_id)  # sent now; nobody waits for the answer
+        except Exception as e:  # the board is going away too; it drops stale reports on its own
+            log.info("could not remove this replica from the board: %s", e)
+        self.engine.close()
+        self._lock.release()
