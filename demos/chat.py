@@ -1,6 +1,7 @@
 """Gradio chat page over the engine: streaming replies, where each one ran and why, live device load.
 
-Run with `accelserve chat [--model M]` (or `make demo` for the default model). Binds 127.0.0.1 by default;
+Run with `accelserve chat [--model M]` (or `make demo` for the default model); `--model` repeated loads each model
+and the page switches between them (base and fine-tuned, demos/lifecycle.py). Binds 127.0.0.1 by default;
 like the API server, it refuses a non-loopback bind without a login (`--auth USER:PASSWORD` or the
 ACCELSERVE_CHAT_AUTH variable) unless told `--insecure-no-auth`.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -43,13 +45,39 @@ def inventory_markdown(engine: Engine) -> str:
     return "\n".join(rows)
 
 
-class ChatSession:
-    """The callbacks of one page, bound to one engine. Tracks each browser session's running request."""
+def model_label(engine: Engine) -> str:
+    """How the page names a loaded model: its reference, or a folder's name (base / fine-tuned side by side)."""
+    ref = str(engine.model.ref)
+    return Path(ref).name if engine.model.source == "folder" else ref
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._running: dict[str, str] = {}
+
+def engines_by_label(engines: Engine | Sequence[Engine]) -> dict[str, Engine]:
+    engines = [engines] if isinstance(engines, Engine) else list(engines)
+    if not engines:
+        raise ValueError("the chat page needs at least one loaded model")
+    out: dict[str, Engine] = {}
+    for engine in engines:
+        label = model_label(engine)
+        out[label if label not in out else f"{label} ({len(out) + 1})"] = engine
+    return out
+
+
+class ChatSession:
+    """The callbacks of one page, bound to the engines of the models it serves (one per model). Tracks each
+    browser session's running request and the engine that runs it."""
+
+    def __init__(self, engines: Engine | Sequence[Engine]) -> None:
+        self.engines = engines_by_label(engines)
+        self.engine = next(iter(self.engines.values()))  # the first model: the page opens on it
+        self._running: dict[str, tuple[Engine, str]] = {}
         self._lock = threading.Lock()
+
+    def engine_for(self, label: str | None) -> Engine:
+        if label is None:
+            return self.engine
+        if label not in self.engines:
+            raise ValueError(f"model {label!r} is not loaded on this page; choose one of {', '.join(self.engines)}")
+        return self.engines[label]
 
     def respond(
         self,
@@ -60,9 +88,11 @@ class ChatSession:
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        model: str | None = None,
         request: gr.Request | None = None,
     ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, str]], str]]:
-        """Stream a reply into the chatbot; `clean_history` is what the model sees (no placement lines)."""
+        """Stream a reply into the chatbot; `clean_history` is what the model sees (no placement lines).
+        `model` is the label of the loaded model that answers (None: the first)."""
         session = request.session_hash if request is not None else "local"
         message = (message or "").strip()
         if not message:
@@ -73,7 +103,8 @@ class ChatSession:
         yield history, clean_history, ""
         text = ""
         try:
-            stream = self.engine.chat(
+            engine = self.engine_for(model)
+            stream = engine.chat(
                 clean_history,
                 stream=True,
                 policy=policy,
@@ -83,7 +114,7 @@ class ChatSession:
             )
             for chunk in stream:
                 with self._lock:
-                    self._running[session] = chunk.request_id
+                    self._running[session] = (engine, chunk.request_id)
                 text += chunk.text
                 footer = ""
                 if chunk.finish_reason is not None:
@@ -92,6 +123,8 @@ class ChatSession:
                     elif chunk.finish_reason == "error":
                         text += f"\n\n⚠️ {chunk.error}"
                     footer = SEPARATOR + placement_markdown(chunk.placement, chunk.metrics)
+                    if len(self.engines) > 1:
+                        footer += f"  \nmodel: **{model or model_label(engine)}**"
                 history[-1] = {"role": "assistant", "content": (text or "…") + footer}
                 yield history, clean_history, ""
             clean_history = [*clean_history, {"role": "assistant", "content": text}]
@@ -107,14 +140,27 @@ class ChatSession:
     def stop(self, request: gr.Request | None = None) -> None:
         session = request.session_hash if request is not None else "local"
         with self._lock:
-            request_id = self._running.get(session)
-        if request_id:
-            self.engine.cancel(request_id)
+            running = self._running.get(session)
+        if running:
+            engine, request_id = running
+            engine.cancel(request_id)
+
+    def inventory(self) -> str:
+        """The device table; one per model when the page serves several."""
+        if len(self.engines) == 1:
+            return inventory_markdown(self.engine)
+        return "\n\n".join(f"**{label}**\n\n{inventory_markdown(e)}" for label, e in self.engines.items())
 
 
-def build_app(engine: Engine) -> gr.Blocks:
-    session = ChatSession(engine)
-    title = f"accelserve · {engine.model.ref} ({engine.model.profile.size_label} params)"
+def build_app(engines: Engine | Sequence[Engine]) -> gr.Blocks:
+    """The page over one engine, or several (one per model: e.g. base and fine-tuned) with a model switch."""
+    session = ChatSession(engines)
+    engine = session.engine
+    labels = list(session.engines)
+    if len(labels) == 1:
+        title = f"accelserve · {engine.model.ref} ({engine.model.profile.size_label} params)"
+    else:
+        title = "accelserve · " + " / ".join(labels)
     with gr.Blocks(title="accelserve chat") as app:
         gr.Markdown(f"## {title}")
         with gr.Row():
@@ -127,19 +173,26 @@ def build_app(engine: Engine) -> gr.Blocks:
                     stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
                 clear = gr.Button("New chat", size="sm")
             with gr.Column(scale=2):
+                # The switch writes a per-browser State, so the named /chat endpoint keeps its parameters;
+                # the next reply comes from the chosen model, with the conversation so far.
+                model = gr.State(labels[0])
+                switch = gr.Dropdown(
+                    labels, value=labels[0], label="Model", visible=len(labels) > 1, elem_id="model-switch"
+                )
+                switch.change(lambda label: label, switch, model, api_visibility="private")
                 policy = gr.Radio(
                     POLICIES, value=engine.policy if engine.policy in POLICIES else "auto", label="Policy"
                 )
                 max_new = gr.Slider(1, 1024, value=256, step=1, label="Max new tokens")
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
-                inventory = gr.Markdown(inventory_markdown(engine), elem_id="inventory")
+                inventory = gr.Markdown(session.inventory(), elem_id="inventory")
                 timer = gr.Timer(2.0)
-        inputs = [box, chatbot, clean_history, policy, max_new, temperature, top_p]
+        inputs = [box, chatbot, clean_history, policy, max_new, temperature, top_p, model]
         outputs = [chatbot, clean_history, box]
         # Named endpoints, so gradio_client users can call /chat, /stop, /new_chat and /inventory; the Enter
         # key runs the same function as the Send button, so its copy is hidden from the API.
-        refresh = {"fn": lambda: inventory_markdown(engine), "inputs": None, "outputs": inventory}
+        refresh = {"fn": lambda: session.inventory(), "inputs": None, "outputs": inventory}
         send.click(session.respond, inputs, outputs, api_name="chat", concurrency_limit=None).then(
             **refresh, api_visibility="private"
         )
@@ -176,7 +229,7 @@ def chat_auth(host: str, auth: str | None, allow_insecure: bool) -> tuple[str, s
 
 
 def launch(
-    model_ref: str = "default",
+    model_ref: str | Sequence[str] = "default",
     host: str = "127.0.0.1",
     port: int = 7860,
     policy: str = "auto",
@@ -184,15 +237,21 @@ def launch(
     auth: str | None = None,
     allow_insecure: bool = False,
 ) -> None:
+    """Serve the page over one model or several (`model_ref` a list: each loaded, switchable on the page)."""
     login = chat_auth("0.0.0.0" if share else host, auth, allow_insecure)  # a share link is public
-    engine = Engine.from_pretrained(model_ref, policy=policy)
-    placement = engine.preload()
-    log.info("ready: %s on %s via %s (%s)", model_ref, placement.device_id, placement.backend, placement.provider)
-    app = build_app(engine)
+    refs = [model_ref] if isinstance(model_ref, str) else list(dict.fromkeys(model_ref))
+    engines: list[Engine] = []
     try:
+        for ref in refs:
+            engine = Engine.from_pretrained(ref, policy=policy)
+            engines.append(engine)
+            placement = engine.preload()
+            log.info("ready: %s on %s via %s (%s)", ref, placement.device_id, placement.backend, placement.provider)
+        app = build_app(engines)
         app.queue(default_concurrency_limit=None).launch(server_name=host, server_port=port, share=share, auth=login)
     finally:
-        engine.close()
+        for engine in engines:
+            engine.close()
 
 
 if __name__ == "__main__":

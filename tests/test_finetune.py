@@ -226,3 +226,38 @@ def test_placement_cpu_fp32_without_a_real_gpu_and_labels_simulated_ones():
         place_training(devices, "gpu")
     with pytest.raises(FinetuneError, match="inference graphs only"):
         place_training(devices, "npu")
+
+
+def test_chat_page_switches_between_loaded_models(tuned, accelserve_home):
+    """Base and fine-tuned loaded side by side: the chosen model answers, the page says which."""
+    from demos.chat import ChatSession, build_app
+    from plugin.engine.costmodel import CostModel
+    from plugin.engine.engine import Engine
+    from plugin.models.resolve import resolve_model
+
+    from fakes import FakeBackend, device
+
+    result, base, _ = tuned
+    engines = [
+        Engine(
+            resolve_model(path),
+            devices=[device("cpu")],
+            backend_factory=lambda model, placement, dev: FakeBackend(dev.kind),
+            cost_model=CostModel(path=None),
+        )
+        for path in (base, result.path)
+    ]
+    try:
+        session = ChatSession(engines)
+        assert list(session.engines) == [base.name, result.path.name]
+        *_, (history, clean, _) = session.respond("hi", [], [], "auto", 8, 0.0, 1.0, model=result.path.name)
+        assert "echo: hi" in history[-1]["content"] and f"model: **{result.path.name}**" in history[-1]["content"]
+        assert clean[-1] == {"role": "assistant", "content": "echo: hi"}
+        loaded = {label: bool(e.status()[0]["loaded"]) for label, e in session.engines.items()}
+        assert loaded == {base.name: False, result.path.name: True}
+        *_, (history, _, _) = session.respond("x", [], [], "auto", 8, 0.0, 1.0, model="nope")
+        assert "is not loaded on this page" in history[-1]["content"]
+        assert "model-switch" in str(build_app(engines).config)
+    finally:
+        for e in engines:
+            e.close()

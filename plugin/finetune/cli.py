@@ -27,6 +27,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="tokens per conversation (default: the context, at most 1024)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: a real GPU (bf16), else the CPU")
+    p.add_argument("--threads", type=int, help="torch CPU threads while training (default: torch's)")
     p.add_argument("--force", action="store_true", help="replace an earlier fine-tune in --output")
     p.add_argument("--json", action="store_true", help="print the record (finetune.json) instead of a summary")
     p.set_defaults(func=cmd_finetune)
@@ -56,6 +57,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         settings=settings,
         device=args.device,
         overwrite=args.force,
+        threads=args.threads,
     )
     r = result.record
     if args.json:

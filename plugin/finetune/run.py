@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -85,6 +87,24 @@ def _copy_tokenizer(source: Path, dest: Path) -> None:
             shutil.copy2(source / name, dest / name)
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count for the block, restored after (None: unchanged)."""
+    import torch
+
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise FinetuneError(f"threads must be a positive integer (got {threads})")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _load_base(path: Path, placement: TrainingPlacement) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
@@ -105,13 +125,16 @@ def finetune(
     overwrite: bool = False,
     progress: bool = True,
     home: Path | None = None,
+    threads: int | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """LoRA-fine-tune `model` on chat-format `data` (.jsonl) and save the merged checkpoint into `output`.
 
     `eval_data` is a held-out file; without it `eval_fraction` of `data` is held out. `settings` (or keyword
     overrides such as steps=30, learning_rate=1e-3) are the hyper-parameters. `device`: auto (a real GPU in
-    bf16, else the CPU in fp32), gpu or cpu; never an NPU. Raises DataError / FinetuneError with the fix.
+    bf16, else the CPU in fp32), gpu or cpu; never an NPU. `threads`: torch's CPU threads while training (None:
+    torch's default; on a CPU other jobs keep busy, 1 thread avoids threads waiting on each other). Raises
+    DataError / FinetuneError with the fix.
     """
     from transformers import AutoTokenizer
 
@@ -142,11 +165,12 @@ def finetune(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch_size = min(settings.batch_size, len(train_set))
 
-    lora = wrap_lora(_load_base(resolved.path, placement), settings)
-    before = eval_loss(lora, eval_set, pad_id, placement.torch_device, batch_size)
-    history = train(lora, train_set, replace(settings, batch_size=batch_size), placement, pad_id, progress)
-    after = eval_loss(lora, eval_set, pad_id, placement.torch_device, batch_size)
-    merged = merge(lora)
+    with torch_threads(threads):
+        lora = wrap_lora(_load_base(resolved.path, placement), settings)
+        before = eval_loss(lora, eval_set, pad_id, placement.torch_device, batch_size)
+        history = train(lora, train_set, replace(settings, batch_size=batch_size), placement, pad_id, progress)
+        after = eval_loss(lora, eval_set, pad_id, placement.torch_device, batch_size)
+        merged = merge(lora)
     log.info("held-out loss %.4f -> %.4f", before, after)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +189,11 @@ def finetune(
             eval_source=eval_source,
             train_examples=len(train_set),
             eval_examples=len(eval_set),
-            hyperparameters={**asdict(replace(settings, batch_size=batch_size)), "optimizer": "AdamW"},
+            hyperparameters={
+                **asdict(replace(settings, batch_size=batch_size)),
+                "optimizer": "AdamW",
+                "threads": threads,
+            },
             placement=asdict(placement),
             steps=len(history.losses),
             seconds=round(history.seconds, 2),

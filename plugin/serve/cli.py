@@ -145,7 +145,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from demos.chat import launch
 
     launch(
-        model_ref=args.model,
+        model_ref=args.model or ["default"],
         host=args.host,
         port=args.port,
         policy=args.policy,
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="the Gradio chat page")
-    p.add_argument("--model", default="default")
+    p.add_argument("--model", action="append", help="model to load (repeatable: the page switches); default: default")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--policy", choices=POLICIES, default="auto")
