@@ -213,6 +213,21 @@ async def test_a_replica_lost_before_any_token_is_replaced_by_another(tiny_llama
     assert "replica lost before any token (ActorDiedError)" in placement.reason
 
 
+def test_placement_uses_the_rates_each_replica_measured(tiny_llama):
+    from dataclasses import replace
+
+    from backends.base import GenerationRequest
+
+    engine, _, _ = fake_cluster(tiny_llama, lambda reports, chunks: {})
+    slow, fast = (200.0, 5.0, 3, 40), (200.0, 50.0, 3, 40)
+    request = GenerationRequest(messages=[{"role": "user", "content": "hi"}])
+    for rates, winner in (((slow, fast), "11111111"), ((fast, slow), "00000000")):
+        engine.reports = [replace(r, rates=x) for r, x in zip(engine.reports, rates, strict=True)]
+        placement = engine.predict(request, policy="latency")
+        assert placement.device_id == f"gpu:0@{winner}"
+        assert "measured (decode n=40" in placement.reason
+
+
 async def test_a_replica_dying_mid_stream_ends_it_with_an_error(tiny_llama):
     from ray.exceptions import ActorDiedError
 

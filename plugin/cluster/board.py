@@ -32,6 +32,9 @@ class ReplicaReport:
     active: int = 0  # requests generating
     waiting: int = 0  # requests queued for a slot
     capacity: int = 1  # concurrent requests the loaded backend runs
+    # the rates the replica's own cost model has for its model there: (prefill tok/s, decode tok/s, prefill
+    # samples, decode samples); measured once it has served requests, the device profile's prior before
+    rates: tuple[float, float, int, int] | None = None
     actor_name: str = ""  # the replica's Ray actor (namespace "serve"), for operators: `ray.get_actor(name, "serve")`
     reported_at: float = field(default_factory=time.time)
 

@@ -29,7 +29,7 @@ from backends.base import GenerationRequest
 from backends.prompt import PromptEncoder
 from plugin.cluster.board import REPORT_PERIOD_S, ReplicaReport
 from plugin.cluster.replica import Served
-from plugin.engine.costmodel import CostModel
+from plugin.engine.costmodel import CostModel, Rates
 from plugin.engine.devices import DeviceInfo
 from plugin.engine.engine import ChatChunk, EngineError, NoDeviceAvailable, Overloaded, RequestMetrics
 from plugin.engine.scheduler import DeviceLoad, Placement, PlacementError, PlacementRequest, place
@@ -61,6 +61,27 @@ class Inventory:
             return cluster_device_id(report) if report is not None else m.group(0)
 
         return _DEVICE_ID.sub(sub, text)
+
+
+class ReportedCosts:
+    """The ingress's cost model: each replica's own rates for its device (measured where it has served), the
+    ingress's model otherwise. The replicas measure; the ingress, which runs nothing, only predicts."""
+
+    def __init__(self, base: CostModel, inv: Inventory, model_name: str) -> None:
+        self.base, self.inv, self.model_name = base, inv, model_name
+
+    def rates(self, device: DeviceInfo, model: Any, precision: str) -> Rates:
+        report = self.inv.reports.get(device.id)
+        if report is None or report.rates is None or model.name != self.model_name:
+            return self.base.rates(device, model, precision)
+        prefill, decode, n_prefill, n_decode = report.rates
+        return Rates(prefill, decode, n_prefill, n_decode)
+
+    def watts(self, device: DeviceInfo) -> float:
+        return self.base.watts(device)
+
+    def batch_slowdown(self, device: DeviceInfo) -> float:
+        return self.base.batch_slowdown(device)
 
 
 class ClusterEngine:
@@ -213,7 +234,7 @@ class ClusterEngine:
                 preq,
                 policy,
                 load=inv.load,
-                costs=self.costs,
+                costs=ReportedCosts(self.costs, inv, self.model.profile.name),  # type: ignore[arg-type]
                 exclude=excluded,
                 cpu_backend=self.cpu_backend,
             )

@@ -93,6 +93,7 @@ class DeviceReplica:
         model = await asyncio.to_thread(resolve_model, model_ref)
         self.engine = Engine(model, policy=kind, devices=[self.device], max_queue=max_queue, cpu_backend=cpu_backend)
         placement = await asyncio.to_thread(self.engine.preload)
+        self.precision = placement.precision
         replica = serve.get_replica_context().replica_id
         self.replica_id, self.actor_name = replica.unique_id, replica.to_full_id_str()
         log.info(
@@ -115,6 +116,7 @@ class DeviceReplica:
     def report(self) -> ReplicaReport:
         status = self.engine.status()[0]
         capacity = max((s["capacity"] for s in status["loaded"]), default=1)
+        r = self.engine.costs.rates(self.device, self.engine.model.profile, self.precision)
         return ReplicaReport(
             replica_id=self.replica_id,
             deployment=self.class_name,
@@ -125,6 +127,7 @@ class DeviceReplica:
             active=status["active"],
             waiting=status["waiting"],
             capacity=capacity,
+            rates=(r.prefill_tps, r.decode_tps, r.prefill_samples, r.decode_samples),
             actor_name=self.actor_name,
         )
 
