@@ -95,8 +95,8 @@ Hugging Face checkpoint (`accelserve export <folder>`, `Engine.from_pretrained("
 
 - Base model: `{r.base_model}` ({r.base_model_name})
 - Data: `{Path(r.data_file).name}`, sha256 `{r.data_sha256}`, {r.train_examples} training conversations
-- Held-out: {r.eval_examples} conversations ({r.eval_source})
-- Trained on: {r.placement["device_id"]} ({r.placement["name"]}), {r.placement["dtype"]}: {r.placement["reason"]}
+- Held-out: {r.eval_examples} conversation(s): {r.eval_source}
+- Trained on: {r.placement["device_id"]}, {r.placement["dtype"]}. Why: {r.placement["reason"]}
 
 ## Results
 
