@@ -27,6 +27,7 @@ TINY_SIZES: dict[str, Any] = {
     "max_position_embeddings": 256,
     "original_max_position_embeddings": 256,
     "head_dim": 16,
+    "rotary_dim": 8,  # partial rotary (codegen, gptj): half of the 16-dim heads
     # encoder-decoder families whose decoder Optimum exports as a causal LM
     "decoder_layers": 2,
     "decoder_attention_heads": 4,
@@ -86,6 +87,8 @@ def tiny_config_kwargs(model_type: str, sizes: dict[str, Any] | None = None) -> 
             out[name] = value
         elif mapped.get(name) in params:
             out.setdefault(mapped[name], value)
+    if "kv_lora_rank" in out and "num_key_value_heads" in out:  # latent attention: one KV head per query head
+        out["num_key_value_heads"] = out.get("num_attention_heads", TINY_SIZES["num_attention_heads"])
     return out
 
 

@@ -120,6 +120,14 @@ def check_architecture(hf_config: dict[str, Any], source: Path | str = "") -> st
     return check(hf_config, source).model_type
 
 
+def _check_local_architecture(model_ref: str | Path) -> None:
+    """A local folder's architecture is checked before resolving it: resolving reads a text decoder's sizes,
+    which a refused architecture (an image-text wrapper, say) may not have, and the user needs the reason."""
+    folder = Path(str(model_ref)).expanduser()
+    if (folder / "config.json").is_file():
+        check_architecture(_read_hf_config(folder), folder)
+
+
 def _config_provider_options(target: str, precision: str) -> tuple[list[dict[str, Any]], str]:
     """Provider written into genai_config: one this onnxruntime-genai build has and that runs the format.
 
@@ -265,6 +273,7 @@ def export(
     if graph != "qnn" and (context_length is not None or window is not None):
         raise ExportError("context_length and window shape the NPU (QNN HTP) pipeline; use them with target 'npu'")
     home_dir = _home(home)
+    _check_local_architecture(model_ref)
     source, name, ref = _resolve(model_ref, home_dir)
     hf_config = _read_hf_config(source)
     arch = check_architecture(hf_config, source)

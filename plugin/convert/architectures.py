@@ -147,7 +147,24 @@ def config_refusal(model_type: str) -> str | None:
             "remote code (trust_remote_code) builds it, and export runs library code only; torch parity "
             "cannot be checked without it"
         )
+    sub_configs = _sub_configs(model_type)
+    if "vision_config" in sub_configs:
+        text = getattr(sub_configs.get("text_config"), "model_type", None)
+        return (
+            f"{model_type!r} is an image-text model (its config has a vision_config); accelserve serves text "
+            "decoders and reads their sizes from the top-level config"
+            + (f". Export its text model as a {text!r} checkpoint instead" if text else "")
+        )
     return None
+
+
+def _sub_configs(model_type: str) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    try:
+        return dict(getattr(type(AutoConfig.for_model(model_type)), "sub_configs", None) or {})
+    except (KeyError, ValueError):
+        return {}
 
 
 def _npu_reason(model_type: str, hf_config: dict[str, Any] | None) -> str | None:

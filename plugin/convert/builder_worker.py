@@ -62,12 +62,28 @@ def normalize_rope_config(config: Any) -> None:
         config.rope_scaling = {**scaling, "rope_type": scaling["type"]}
 
 
+def config_options(config: Any) -> dict[str, str]:
+    """Builder options the checkpoint's config calls for (by what it has, never by its name).
+
+    Sliding-window attention: the builder's default bounded ("windowed") KV cache for local layers makes
+    onnxruntime-genai 0.18 refuse every generation whose max_length is below the window ("KV cache
+    capacity (16) must be at least local_window_size (4096)", measured on gemma2/gemma3 at fp32). With a
+    full-length cache, GroupQueryAttention's `local_window_size` alone masks the window: same tokens,
+    any max_length.
+    """
+    text = getattr(config, "text_config", None) or config
+    window = getattr(text, "sliding_window", None)
+    return {"windowed_kv_cache": "false"} if isinstance(window, int) and window > 0 else {}
+
+
 def run_builder(source: str, output: str, precision: str, options: dict[str, str], cache_dir: str) -> None:
     """Build the fused ONNX decoder + genai_config of `source` into `output` with the builder's own code."""
     install_transformers_placeholders()
     import onnxruntime_genai.models  # noqa: F401  (puts the builder's folder on sys.path)
     from onnxruntime_genai.models import builder
+    from transformers import AutoConfig
 
+    options = {**config_options(AutoConfig.from_pretrained(source)), **options}
     extra = [f"{k}={v}" for k, v in options.items()]
     parsed = builder.parse_extra_options(None, source, output, precision, "cpu", cache_dir, extra)
     normalize_rope_config(parsed["hf_details"]["hf_config"])
