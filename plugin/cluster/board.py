@@ -16,7 +16,7 @@ from typing import Any
 from ray import serve
 
 REPORT_PERIOD_S = 0.5
-STALE_AFTER_S = 3.0
+STALE_AFTER_S = 10.0  # generous: a busy 2-core node may report late; a dead replica is re-placed anyway
 
 
 @dataclass(frozen=True)
