@@ -282,6 +282,11 @@ def test_what_is_not_batched_says_why(exports, tmp_path: Path) -> None:
         b.unload()
     graph, why = OrtGenaiBackend(folder, device="cpu", batching=True)._batch_plan(PROVIDERS["qnn"])
     assert graph is None and "CPU provider" in why
+    npu = OrtGenaiBackend(folder, device="cpu")
+    npu._window = 64  # what load() reads from a static-shape (HTP) package's genai_config
+    graph, why = npu._batch_plan(PROVIDERS["qnn"])
+    assert graph is None and why == batching.STATIC_PIPELINE_REASON and "one stream at a time" in why
+    assert npu.max_batch_size == 1  # the engine queues every further request
     with pytest.raises(BackendError, match="cannot be batched"):  # asked for, where it cannot be
         _load_unbatchable(folder, tmp_path)
 

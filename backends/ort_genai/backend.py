@@ -32,7 +32,14 @@ from backends.base import (
     TokenChunk,
 )
 from backends.memory import LedgerError, MemoryLedger, Reservation, host_ledger
-from backends.ort_genai.batching import GraphSpec, OrtBatchRunner, Work, batchable_graph, make_work
+from backends.ort_genai.batching import (
+    STATIC_PIPELINE_REASON,
+    GraphSpec,
+    OrtBatchRunner,
+    Work,
+    batchable_graph,
+    make_work,
+)
 from backends.ort_genai.memory import BATCHED_KV_SLACK, ExportNeeds, export_needs
 from backends.ort_genai.providers import (
     ProviderSpec,
@@ -337,10 +344,10 @@ class OrtGenaiBackend:
         """The graph to batch when this export on this provider allows it, else (None, why generators)."""
         if self.batching is False:
             return None, "one generator per request (batching=False)"
+        if self._window:
+            return None, STATIC_PIPELINE_REASON
         if spec.key != "cpu":
             return None, f"{spec.ort_name} runs one generator per request; shared decode steps need the CPU provider"
-        if self._window:
-            return None, "a static-shape prefill window"
         return batchable_graph(self.model_dir)
 
     def _session(self, graph: GraphSpec, spec: ProviderSpec) -> Any:
@@ -358,6 +365,8 @@ class OrtGenaiBackend:
         """Requests the engine may run here at once (explicit, else by how the loaded model is served)."""
         if self._max_batch_size is not None:
             return self._max_batch_size
+        if self._window:  # batch-1 static graphs: one stream at a time, the engine queues the others
+            return 1
         return BATCHED_MAX_BATCH_SIZE if self._runner is not None else GENERATOR_MAX_BATCH_SIZE
 
     def unload(self) -> None:

@@ -32,10 +32,11 @@ that step (one forward for all of them) and the loop carries on; a row whose log
 whose token cannot be streamed, fails alone.
 
 Numerics: a batch of M rows runs onnxruntime's M-row kernels. MatMulNBits with int8 compute
-(accuracy_level 4) and plain fp32 MatMul give each row exactly what it gets alone; MatMulNBits with
-fp32 compute (the default export's MLP) sums in a different order for M > 1 (differences ~1e-6 that the
-next int8-compute layer can round into another bucket), so a greedy stream in a batch can leave its
-one-at-a-time path at a near tie. Measured numbers: benchmarks/bench_ort_batching.py.
+(accuracy_level 4, every 4-bit MatMul of the default "fast" export) and plain fp32 MatMul give each row
+exactly what it gets alone; MatMulNBits with fp32 compute (the MLP of the "lean" memory preset) sums
+in a different order for M > 1 (differences ~1e-6 that the next int8-compute layer can round into another
+bucket), so there a greedy stream in a batch can leave its one-at-a-time path at a near tie. Measured
+numbers: benchmarks/bench_ort_batching.py.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ import numpy as np
 
 from backends.base import FinishReason, SamplingParams, TokenChunk, TokenLogprob
 from backends.detok import StreamDecoder
+from backends.ort_genai.resident import release_weight_pages
 from backends.stream import TokenStream, token_logprob
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,13 @@ log = logging.getLogger(__name__)
 KV_BLOCK = 64
 """The KV buffers' length is a multiple of this many positions; it grows by at least a quarter each time, so a
 long generation reallocates (and copies the running rows) a logarithmic number of times."""
+
+STATIC_PIPELINE_REASON = (
+    "a static-shape NPU package (batch-1 context and iterator graphs): one stream at a time; "
+    "further requests wait in the engine's queue"
+)
+"""Why an HTP (decoder-pipeline) package is not batched: its graphs are compiled for batch 1, and a static batch
+dimension would need a context binary per batch size (docs/fused-export.md, "Serving")."""
 
 SAMPLING_EPS = 1e-5
 """Temperatures below this are greedy (as on the torch path: dividing by ~0 overflows)."""
@@ -107,7 +116,7 @@ def batchable_graph(model_dir: Path) -> tuple[GraphSpec | None, str]:
     model_cfg = config.get("model", {})
     decoder = model_cfg.get("decoder", {})
     if model_cfg.get("type") == "decoder-pipeline":
-        return None, "a static-shape pipeline package (one stream at a time)"
+        return None, STATIC_PIPELINE_REASON
     if decoder.get("sliding_window"):
         return None, "a sliding-window (static-shape) decoder"
     if not config.get("search", {}).get("past_present_share_buffer"):
@@ -291,6 +300,8 @@ class OrtBatchRunner:
     def __init__(self, session: Any, spec: GraphSpec, *, max_batch_size: int) -> None:
         self.session = session
         self.spec = spec
+        # the session is open: the weight-file pages it keeps mapped but no longer reads go back (resident.py)
+        self.released = release_weight_pages(sorted(spec.model_file.parent.glob("*.data")))
         self.max_batch_size = max_batch_size  # what the engine admits at most; reported, not enforced here
         self.kv = KVStore(spec)
         self._incoming: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
