@@ -208,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write-record", action="store_true", help="do not rewrite architectures_measured.json")
     parser.add_argument("--merge", action="store_true", help="with --only: update these entries of the record")
     parser.add_argument("--jobs", type=int, default=1, help="architectures measured at once (child processes)")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        help="measure nothing: merge the raw results of earlier runs' JSON (later files win) into the outputs",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "arch_coverage.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -221,16 +227,22 @@ def main(argv: list[str] | None = None) -> int:
 
     types = args.only.split(",") if args.only else list(architectures.optimum_model_types())
     results = []
+    if args.combine:
+        merged: dict[str, dict[str, Any]] = {}
+        for path in args.combine:
+            merged.update({r["model_type"]: r for r in json.loads(path.read_text(encoding="utf-8"))["raw"]})
+        results = [merged[t] for t in types if t in merged]
+    order = list(architectures.optimum_model_types()) + types
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(run_worker, t) for t in types]
+        futures = [] if args.combine else [pool.submit(run_worker, t) for t in types]
         for future in tqdm(as_completed(futures), total=len(futures), desc="architectures"):
             results.append(future.result())
             tqdm.write(json.dumps({k: v for k, v in results[-1].items() if k != "attempts"}))
-    results.sort(key=lambda r: types.index(r["model_type"]))
+    results.sort(key=lambda r: order.index(r["model_type"]))
     rows = table_rows(results)
     print(markdown(rows))
     write_json(args.output, {"machine": machine_info(), "rows": rows, "raw": results, "markdown": markdown(rows)})
-    if not args.no_write_record and (args.merge or not args.only):
+    if not args.no_write_record and (args.merge or not args.only or args.combine):
         write_record(results, ROOT / "plugin" / "convert" / "architectures_measured.json", merge=args.merge)
     return 0
 

@@ -70,10 +70,27 @@ def config_options(config: Any) -> dict[str, str]:
     capacity (16) must be at least local_window_size (4096)", measured on gemma2/gemma3 at fp32). With a
     full-length cache, GroupQueryAttention's `local_window_size` alone masks the window: same tokens,
     any max_length.
+
+    MLP without a gate (nemotron's relu² up/down): the gate/up packing the export asks for by default
+    reads `gate_proj`, so it is turned off when the model's MLP modules have none.
     """
     text = getattr(config, "text_config", None) or config
     window = getattr(text, "sliding_window", None)
-    return {"windowed_kv_cache": "false"} if isinstance(window, int) and window > 0 else {}
+    out = {"windowed_kv_cache": "false"} if isinstance(window, int) and window > 0 else {}
+    if not _has_gated_mlp(config):
+        out["fuse_mlp_gate_up"] = "false"
+    return out
+
+
+def _has_gated_mlp(config: Any) -> bool:
+    """Whether the model's MLP modules have a gate projection (built on the meta device: no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    mlps = [m for name, m in model.named_modules() if name.endswith(".mlp")]
+    return not mlps or any(hasattr(m, "gate_proj") or hasattr(m, "gate_up_proj") for m in mlps)
 
 
 def run_builder(source: str, output: str, precision: str, options: dict[str, str], cache_dir: str) -> None:
@@ -83,7 +100,7 @@ def run_builder(source: str, output: str, precision: str, options: dict[str, str
     from onnxruntime_genai.models import builder
     from transformers import AutoConfig
 
-    options = {**config_options(AutoConfig.from_pretrained(source)), **options}
+    options = {**options, **config_options(AutoConfig.from_pretrained(source))}
     extra = [f"{k}={v}" for k, v in options.items()]
     parsed = builder.parse_extra_options(None, source, output, precision, "cpu", cache_dir, extra)
     normalize_rope_config(parsed["hf_details"]["hf_config"])
