@@ -247,6 +247,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "model": str(args.model),
         "trace": {"requests": len(trace), "seed": args.seed, "concurrency": args.concurrency, "temperature": 0},
         "machine": machine_info(),
+        "ray": ray.__version__,
         "runs": {},
     }
     try:

@@ -200,14 +200,15 @@ async def test_a_replica_lost_before_any_token_is_replaced_by_another(tiny_llama
     def script(reports, chunks):
         return {
             "r0": (chunks(reports[0], [], False), ActorDiedError()),
-            "r1": (chunks(reports[1], ["a", "b"], True), None),
+            "r1": ([chunks(reports[1], [], False)[0], chunks(reports[1], ["a", "b"], True)[1:]], None),  # one list
         }
 
     engine, handle, _ = fake_cluster(tiny_llama, script)
     engine._inflight["r1"] = [10]  # r1 busier: place() picks r0 first
     got = await collect(engine)
     assert handle.calls == ["r0", "r1"]
-    assert "".join(c.text for c in got) == "ab" and got[-1].finish_reason == "stop"
+    assert [c.text for c in got] == ["ab", ""] and got[-1].finish_reason == "stop"  # the list: one delta + end
+    assert got[0].completion_tokens == 2
     placement = got[-1].placement
     assert placement.device_id == "gpu:0@11111111" and placement.fallback_from == ("gpu:0@00000000",)
     assert "replica lost before any token (ActorDiedError)" in placement.reason

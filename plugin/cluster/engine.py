@@ -63,6 +63,18 @@ class Inventory:
         return _DEVICE_ID.sub(sub, text)
 
 
+def merged(chunks: list[ChatChunk]) -> list[ChatChunk]:
+    """Chunks that arrived together as one (their text and logprobs joined, the last one's counts), then the
+    final chunk on its own: fewer, larger stream events, each still a valid OpenAI delta."""
+    body = [c for c in chunks if c.finish_reason is None]
+    tail = [c for c in chunks if c.finish_reason is not None]
+    if len(body) <= 1:
+        return chunks
+    logprobs = [lp for c in body for lp in (c.logprobs or [])]
+    one = dataclasses.replace(body[-1], text="".join(c.text for c in body), logprobs=logprobs or None)
+    return [one, *tail]
+
+
 class ReportedCosts:
     """The ingress's cost model: each replica's own rates for its device (measured where it has served), the
     ingress's model otherwise. The replicas measure; the ingress, which runs nothing, only predicts."""
@@ -127,7 +139,7 @@ class ClusterEngine:
 
     async def _refresh_forever(self) -> None:
         while True:
-            await asyncio.sleep(REPORT_PERIOD_S / 2)
+            await asyncio.sleep(REPORT_PERIOD_S)
             try:
                 await self.refresh()
             except Exception as e:  # the board restarting: keep the last snapshot, try again
@@ -286,13 +298,14 @@ class ClusterEngine:
                     if isinstance(item, Served):
                         served = item.report
                         continue
-                    if placement is None:
-                        placement = self._as_served(item.placement, chosen, inv, served, failures, tried)
-                    streamed += 1 if item.text or item.completion_tokens else 0
-                    finished = item.finish_reason is not None
-                    yield dataclasses.replace(item, placement=placement)
-                    if finished:
-                        return
+                    for chunk in merged(item if isinstance(item, list) else [item]):
+                        if placement is None:
+                            placement = self._as_served(chunk.placement, chosen, inv, served, failures, tried)
+                        streamed += 1 if chunk.text or chunk.completion_tokens else 0
+                        finished = chunk.finish_reason is not None
+                        yield dataclasses.replace(chunk, placement=placement)
+                        if finished:
+                            return
                 if not finished:
                     raise EngineError(f"the replica on {target} ended the stream without a final chunk")
                 return

@@ -35,6 +35,9 @@ class DeviceClaimError(RuntimeError):
     """No free device of the replica's class on its node."""
 
 
+_END = object()
+
+
 @dataclass(frozen=True)
 class Served:
     """The first item of every stream: the replica that took the request (before any token)."""
@@ -107,11 +110,37 @@ class DeviceReplica:
     # ---- what the ingress calls -----------------------------------------------------------------
     async def generate(
         self, request: GenerationRequest, replica_id: str | None = None
-    ) -> AsyncIterator[Served | ChatChunk]:
-        """Stream one request: who serves it first, then the engine's chunks. `replica_id` is for the router."""
+    ) -> AsyncIterator[Served | list[ChatChunk]]:
+        """Stream one request: who serves it first, then the engine's chunks in lists. `replica_id` is for the
+        router. Every item crossing Ray costs CPU on both ends, so the chunks that arrived while the previous
+        item was being sent travel together: one chunk per item when the ingress keeps up, more when it lags."""
         yield Served(self.report())
-        async for chunk in self.engine.astream(request):
-            yield chunk
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for chunk in self.engine.astream(request):
+                    queue.put_nowait(chunk)
+                queue.put_nowait(_END)
+            except Exception as e:  # raised again below, in the stream Ray sends back to the ingress
+                queue.put_nowait(e)
+
+        task = asyncio.get_running_loop().create_task(pump())
+        try:
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                chunks = [c for c in items if isinstance(c, ChatChunk)]
+                if chunks:
+                    yield chunks
+                if len(chunks) < len(items):
+                    end = items[len(chunks)]
+                    if isinstance(end, Exception):
+                        raise end
+                    return
+        finally:
+            task.cancel()
 
     def report(self) -> ReplicaReport:
         status = self.engine.status()[0]
