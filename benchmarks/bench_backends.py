@@ -14,6 +14,16 @@ How each number is taken (greedy, one chat prompt, EOS ignored where the engine 
 - decode tok/s at batch 1: (tokens - 1) / (last token time - first token time).
 - aggregate tok/s at N streams: all tokens / wall time of N concurrent requests through our backend
   (prefill included), with the backend's default max batch size (what the engine serves with).
+- TPOT at N streams: each stream's time per output token after its first ((last - first) / (tokens - 1)),
+  p50 and p95 over every stream of every run.
+- llama.cpp at N streams: llama.cpp's own parallel decoding of the same GGUF (llama-cpp-python's low-level
+  batch API: the N prompts prefilled as N sequences of one batch, then one decode call per step with one
+  token per sequence, greedy on the host), the same chats and token counts: engine to engine.
+- peak RSS single stream: the high-water mark after load and one batch-1 request, before anything else
+  (the bare engine's own model, more streams) is in the process.
+- targets (issue 17), when the int4 row and llama.cpp are both measured: int4 aggregate at 8 streams vs its
+  own single stream and vs llama.cpp at 8 sequences, single-stream decode and peak RSS vs llama.cpp, TPOT
+  p50 at 8 streams vs 1.
 - overhead: ours / bare, as the median of per-run ratios of back-to-back paired runs (alternating which
   goes first), which is robust to background load changing between pairs.
 - load time and peak RSS: each configuration runs in its own subprocess (ours and bare separately), so
@@ -215,6 +225,7 @@ def measure_ours(spec: dict[str, Any]) -> dict[str, Any]:
         return time_stream(backend.generate(request()), t)
 
     ours()  # warm-up: allocator, kernels, lazy init
+    peak_single = peak_rss_bytes()  # load + one request, before the bare engine's model joins the process
     bare()
     ours_runs: list[Run] = []
     bare_runs: list[Run] = []
@@ -229,11 +240,7 @@ def measure_ours(spec: dict[str, Any]) -> dict[str, Any]:
     concurrency: dict[str, dict[str, Any]] = {}
     for streams in spec["concurrency"]:
         samples = [concurrent(backend, streams, new_tokens) for _ in range(runs)]
-        concurrency[str(streams)] = {
-            "aggregate_tps": summarize(s["aggregate_tps"] for s in samples),
-            "ttft_s": summarize(s["ttft_s_median"] for s in samples),
-            "tokens": [s["tokens"] for s in samples],
-        }
+        concurrency[str(streams)] = concurrency_entry(samples)
     peak = peak_rss_bytes()
     for _ in range(runs - 1):  # more loads for a load-time median (after the peak RSS is taken)
         backend.unload()
@@ -254,6 +261,8 @@ def measure_ours(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_start_bytes": rss_start,
         "rss_after_load_bytes": rss_loaded,
         "peak_rss_bytes": peak,
+        "peak_rss_single_stream_bytes": peak_single,
+        "batching": getattr(backend, "batching_reason", None),
         "ttft_s": summarize(r.ttft_s for r in ours_runs),
         "decode_tps": summarize(r.decode_tps for r in ours_runs),
         "tokens_per_run": [r.tokens for r in ours_runs],
@@ -292,7 +301,32 @@ def concurrent(backend: Any, streams: int, new_tokens: int) -> dict[str, float]:
     wall = time.perf_counter() - t0
     done = [r for r in results if r is not None]
     total = sum(r.tokens for r in done)
-    return {"tokens": total, "aggregate_tps": total / wall, "ttft_s_median": summarize(r.ttft_s for r in done).median}
+    return {
+        "tokens": total,
+        "aggregate_tps": total / wall,
+        "ttft_s_median": summarize(r.ttft_s for r in done).median,
+        "tpot_s": [1.0 / r.decode_tps for r in done if r.decode_tps == r.decode_tps and r.decode_tps > 0],
+    }
+
+
+def percentiles(values: list[float]) -> dict[str, float | int | None]:
+    """p50 / p95 (linear interpolation) of per-stream times per output token; None when there were none."""
+    import numpy as np
+
+    xs = [v for v in values if v == v]
+    if not xs:
+        return {"p50": None, "p95": None, "n": 0}
+    return {"p50": float(np.percentile(xs, 50)), "p95": float(np.percentile(xs, 95)), "n": len(xs)}
+
+
+def concurrency_entry(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """One stream count's numbers over its runs (the same shape for every engine)."""
+    return {
+        "aggregate_tps": summarize(s["aggregate_tps"] for s in samples),
+        "ttft_s": summarize(s["ttft_s_median"] for s in samples),
+        "tpot_s": percentiles([t for s in samples for t in s["tpot_s"]]),
+        "tokens": [s["tokens"] for s in samples],
+    }
 
 
 def _preimport(engine: str) -> None:
@@ -384,14 +418,16 @@ def _bare_loader(spec: dict[str, Any]) -> tuple[Callable[[], Any], Callable[[Any
 
 
 def measure_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
-    """llama.cpp on the original GGUF (outside anchor): load, TTFT and decode tok/s at batch 1."""
+    """llama.cpp on the original GGUF (outside anchor): load, TTFT and decode tok/s at batch 1 (its Python
+    chat API), then its own parallel decoding of 1..N sequences in shared batches (llamacpp_parallel.py)."""
     from llama_cpp import Llama
 
     runs, new_tokens = spec["runs"], spec["new_tokens"]
+    threads = int(spec.get("threads") or os.cpu_count() or 1)
     rss_start = rss_bytes()
     loads = []
     t0 = time.perf_counter()
-    llm = Llama(model_path=str(spec["path"]), n_ctx=2048, verbose=False)
+    llm = Llama(model_path=str(spec["path"]), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
     loads.append(time.perf_counter() - t0)
     rss_loaded = rss_bytes()
     messages = [{"role": "user", "content": PROMPT}]
@@ -410,13 +446,14 @@ def measure_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
 
     once(llm)
     samples = [once(llm) for _ in range(runs)]
-    peak = peak_rss_bytes()
+    peak_single = peak_rss_bytes()
     llm = None
     for _ in range(runs - 1):
         t0 = time.perf_counter()
         again = Llama(model_path=str(spec["path"]), n_ctx=2048, verbose=False)
         loads.append(time.perf_counter() - t0)
         del again
+    concurrency = llama_cpp_parallel(spec, threads)
     return {
         "side": "bare",
         "name": BARE_NAME[LLAMA_CPP],
@@ -425,12 +462,43 @@ def measure_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
         "load_s": summarize(loads),
         "rss_start_bytes": rss_start,
         "rss_after_load_bytes": rss_loaded,
-        "peak_rss_bytes": peak,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_single_stream_bytes": peak_single,
+        "threads": threads,
         "ttft_s": summarize(r.ttft_s for r in samples),
         "decode_tps": summarize(r.decode_tps for r in samples),
         "tokens_per_run": [r.tokens for r in samples],
-        "note": "text pieces counted as tokens (llama-cpp-python streams one token per chunk); batch 1 only",
+        "concurrency": concurrency,
+        "note": "batch 1: llama-cpp-python's chat API, text pieces counted as tokens (one token per chunk); "
+        "N streams: llama.cpp's parallel decoding of N sequences in shared batches (low-level API, greedy)",
     }
+
+
+def llama_cpp_parallel(spec: dict[str, Any], threads: int) -> dict[str, dict[str, Any]]:
+    """llama.cpp decoding 1..N of the benchmark's chats as sequences of one batch, `runs` times per count."""
+    from benchmarks.llamacpp_parallel import ParallelLlama
+
+    prompts: list[list[int]] = spec["prompt_ids"]
+    engine = ParallelLlama(str(spec["path"]), threads)
+    try:
+        engine.run(prompts[:1], 4)  # warm-up
+        out: dict[str, dict[str, Any]] = {}
+        for streams in spec["concurrency"]:
+            samples = []
+            for _ in range(spec["runs"]):
+                wall, times = engine.run([prompts[i % len(prompts)] for i in range(streams)], spec["new_tokens"])
+                samples.append(
+                    {
+                        "tokens": streams * spec["new_tokens"],
+                        "aggregate_tps": streams * spec["new_tokens"] / wall,
+                        "ttft_s_median": summarize(t.ttft_s for t in times).median,
+                        "tpot_s": [t.tpot_s for t in times],
+                    }
+                )
+            out[str(streams)] = concurrency_entry(samples)
+        return out
+    finally:
+        engine.close()
 
 
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -508,6 +576,7 @@ def benchmark(args: argparse.Namespace, progress: Callable[[str], None] = lambda
         row: dict[str, Any] = {"engine": config.engine, "precision": config.precision, "model_file": Path(path).name}
         if config.engine == LLAMA_CPP:
             progress(f"{config.label}: llama.cpp")
+            spec["prompt_ids"] = chat_prompt_ids(model.path)
             row["bare"] = run_worker({**spec, "kind": "llama.cpp"}, not args.in_process)
         else:
             progress(f"{config.label}: {OURS_NAME[config.engine]} vs {BARE_NAME[config.engine]}")
@@ -522,6 +591,7 @@ def benchmark(args: argparse.Namespace, progress: Callable[[str], None] = lambda
         rows.append(row)
     return {
         "benchmark": "backends",
+        "targets": targets(rows),
         "model": {"ref": str(args.model), "name": model.profile.name, "parameters": model.profile.num_parameters},
         "settings": {
             **common,
@@ -536,6 +606,66 @@ def benchmark(args: argparse.Namespace, progress: Callable[[str], None] = lambda
         "busy_warning": busy_note(),
         "rows": rows,
     }
+
+
+def chat_prompt_ids(model_path: Path) -> list[list[int]]:
+    """The token ids our backends get for the concurrent chats (the checkpoint's chat template), for llama.cpp."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    out = []
+    for question in QUESTIONS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        out.append([int(t) for t in (ids if isinstance(ids, list) else ids["input_ids"])])
+    return out
+
+
+# issue 17's targets: (name, value, goal, higher is better)
+TARGET_GOALS = {
+    "int4 aggregate x8 / its own x1": (3.0, True),
+    "int4 aggregate x8 / llama.cpp x8": (1.0, True),
+    "int4 single-stream decode / llama.cpp": (1.4, True),
+    "int4 peak RSS (single stream) / llama.cpp": (1.3, False),
+    "int4 TPOT p50 x8 / x1": (2.5, False),
+}
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 17's ratios from one run, when the int4 onnxruntime-genai row and llama.cpp were both measured.
+
+    llama.cpp's single-stream decode is the faster of its two batch-1 measurements (chat API, or one sequence
+    through its batch API), so the ratio is never flattered by the slower one."""
+    ours = next((r["ours"] for r in rows if r["engine"] == GENAI and r["precision"] == "int4" and "ours" in r), None)
+    llama = next((r["bare"] for r in rows if r["engine"] == LLAMA_CPP), None)
+    if ours is None:
+        return {"note": "no int4 onnxruntime-genai row measured"}
+    conc = ours.get("concurrency", {})
+
+    def agg(c: dict[str, Any], n: int) -> float:
+        return c[str(n)]["aggregate_tps"].median if str(n) in c else float("nan")
+
+    def tpot(c: dict[str, Any], n: int) -> float:
+        return (c.get(str(n), {}).get("tpot_s") or {}).get("p50") or float("nan")
+
+    values = {
+        "int4 aggregate x8 / its own x1": ratio(agg(conc, 8), agg(conc, 1)),
+        "int4 TPOT p50 x8 / x1": ratio(tpot(conc, 8), tpot(conc, 1)),
+    }
+    if llama is not None:
+        lconc = llama.get("concurrency", {})
+        one_seq = 1.0 / tpot(lconc, 1) if tpot(lconc, 1) == tpot(lconc, 1) else float("nan")
+        llama_decode = max(x for x in (llama["decode_tps"].median, one_seq) if x == x) if lconc else float("nan")
+        values["int4 aggregate x8 / llama.cpp x8"] = ratio(agg(conc, 8), agg(lconc, 8))
+        values["int4 single-stream decode / llama.cpp"] = ratio(ours["decode_tps"].median, llama_decode)
+        values["int4 peak RSS (single stream) / llama.cpp"] = ratio(
+            ours.get("peak_rss_single_stream_bytes"), llama.get("peak_rss_single_stream_bytes")
+        )
+    out: dict[str, Any] = {}
+    for name, (goal, higher) in TARGET_GOALS.items():
+        value = values.get(name)
+        met = None if value is None or value != value else (value >= goal if higher else value <= goal)
+        out[name] = {"value": value, "goal": f"{'>=' if higher else '<='} {goal}", "met": met}
+    return out
 
 
 # ---- reporting ------------------------------------------------------------------------------------------
@@ -555,10 +685,8 @@ def print_table(result: dict[str, Any], console: Any) -> None:
     streams = [str(c) for c in result["settings"]["concurrency"]]
     m = result["model"]
     table = Table(title=f"Backends on {m['name']} - median (min-max) of {result['settings']['runs']} runs")
-    for col in ("config", "runs on", "engine", "load s", "peak RSS MB", "TTFT ms", "decode tok/s"):
+    for col in ("config", "runs on", "engine", "load s", "peak RSS MB", "x1 peak MB", "TTFT ms", "decode tok/s"):
         table.add_column(col, justify="left" if col in ("config", "engine", "runs on") else "right")
-    for s in streams:
-        table.add_column(f"agg tok/s x{s}", justify="right")
     for row in result["rows"]:
         for side in ("ours", "bare"):
             r = row.get(side)
@@ -573,9 +701,9 @@ def print_table(result: dict[str, Any], console: Any) -> None:
                 f"{side}: {r['name']}",
                 r["load_s"].fmt(2),
                 _mb(r.get("peak_rss_bytes")),
+                _mb(r.get("peak_rss_single_stream_bytes")),
                 Stats(ttft.median * 1e3, ttft.min * 1e3, ttft.max * 1e3, ttft.n).fmt(0) if ttft else "-",
                 r["decode_tps"].fmt(1) if "decode_tps" in r else "-",
-                *(conc[s]["aggregate_tps"].fmt(1) if s in conc else "-" for s in streams),
             )
         if "overhead" in row:
             o = row["overhead"]
@@ -586,11 +714,41 @@ def print_table(result: dict[str, Any], console: Any) -> None:
                 f"[dim]{o['load_s_ratio']:.2f}x[/]",
                 f"[dim]{o['peak_rss_ratio']:.2f}x[/]",
                 f"[dim]{_x(o['ttft_ratio'])}[/]",
+                "",
                 f"[dim]{_x(o['decode_tps_ratio'])}[/]",
-                *("" for _ in streams),
                 end_section=True,
             )
     console.print(table)
+    conc_table = Table(title="Concurrent streams: aggregate tok/s (median) and time per output token p50/p95 ms")
+    for col in ("config", "engine"):
+        conc_table.add_column(col)
+    for s in streams:
+        conc_table.add_column(f"x{s} tok/s", justify="right")
+        conc_table.add_column(f"x{s} TPOT", justify="right")
+    for row in result["rows"]:
+        for side in ("ours", "bare"):
+            conc = (row.get(side) or {}).get("concurrency")
+            if not conc:
+                continue
+            cells = []
+            for s in streams:
+                entry = conc.get(s)
+                tpot = (entry or {}).get("tpot_s") or {}
+                cells.append(entry["aggregate_tps"].fmt(1) if entry else "-")
+                cells.append(f"{tpot['p50'] * 1e3:.1f}/{tpot['p95'] * 1e3:.1f}" if tpot.get("p50") is not None else "-")
+            name = f"{SHORT.get(row['engine'], row['engine'])} {row['precision']}"
+            conc_table.add_row(name, row[side]["name"], *cells)
+    console.print(conc_table)
+    goals = result.get("targets") or {}
+    if any(isinstance(v, dict) for v in goals.values()):
+        t = Table(title="Issue 17 targets, measured side by side in this run")
+        for col in ("target", "value", "goal", "met"):
+            t.add_column(col)
+        for name, v in goals.items():
+            if isinstance(v, dict):
+                value = "-" if v["value"] is None or v["value"] != v["value"] else f"{v['value']:.2f}"
+                t.add_row(name, value, v["goal"], {True: "yes", False: "NO", None: "-"}[v["met"]])
+        console.print(t)
 
 
 def make_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:

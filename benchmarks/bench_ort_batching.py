@@ -15,9 +15,10 @@ Aggregate tok/s = all tokens / wall time (prefill included). TPOT = a stream's (
 (tokens - 1), p50/p95 over streams. Runs alternate strategies round-robin (the order rotates per repeat)
 with a short pause between runs; medians (min-max) are reported, and the ratio to "generators" of the same
 stream count. Correctness: each stream's tokens against that prompt alone on one generator (greedy); the
-first position where a stream leaves it is recorded. With --int8-compute, also a copy of the export whose
-MatMulNBits all use int8 compute (accuracy level 4), the kernels that give a row the same numbers whatever
-else is in the batch. Writes benchmarks/results/ort_batching.json.
+first position where a stream leaves it is recorded. The default export runs every MatMulNBits at int8
+compute (accuracy level 4), the kernels that give a row the same numbers whatever else is in the batch; with
+--lean, also a copy laid out as the lean memory preset (the MLP at fp32 compute, whose batched sums differ
+from one row's in the last bits), compared with itself alone. Writes benchmarks/results/ort_batching.json.
 """
 
 from __future__ import annotations
@@ -103,14 +104,17 @@ def unprune_lm_head(graph: Any) -> str:
     return "lm_head on every position"
 
 
-def int8_compute(graph: Any) -> str:
+def lean_compute(graph: Any) -> str:
+    """The lean memory preset's accuracy levels: its named 4-bit MatMulNBits at fp32 compute (level 0)."""
+    from plugin.convert.fused_memory import MEMORY_PRESETS
+
     changed = 0
     for node in graph.node:
-        if node.op_type == "MatMulNBits":
-            for attr in node.attribute:
-                if attr.name == "accuracy_level" and attr.i != 4:
-                    attr.i, changed = 4, changed + 1
-    return f"{changed} MatMulNBits at int8 compute" if changed else ""
+        attrs = {a.name: a for a in node.attribute}
+        named = any(part in node.name for part in MEMORY_PRESETS["lean"])
+        if node.op_type == "MatMulNBits" and named and attrs["bits"].i == 4 and attrs["accuracy_level"].i != 0:
+            attrs["accuracy_level"].i, changed = 0, changed + 1
+    return f"{changed} MatMulNBits at fp32 compute (the lean preset)" if changed else ""
 
 
 def chat(text: str, max_new: int) -> GenerationRequest:
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-engine", action="store_true", help="skip og.Engine (and the unpruned copy it needs)")
     parser.add_argument(
-        "--int8-compute", action="store_true", help="also a copy with every MatMulNBits at int8 compute"
+        "--lean", action="store_true", help="also a copy with the lean memory preset's fp32-compute MLP"
     )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "ort_batching.json")
     args = parser.parse_args(argv)
@@ -266,19 +270,19 @@ def main(argv: list[str] | None = None) -> int:
                 engine_models[0], prompt_ids[:n], args.max_new_tokens
             )
             notes["og.Engine (full lm_head copy)"] = f"a copy of the export with {what}"
-    int8_backends: list[OrtGenaiBackend] = []
-    if args.int8_compute:
-        copy, what = variant(folder, tmp / "int8-compute", int8_compute)
+    lean_backends: list[OrtGenaiBackend] = []
+    if args.lean:
+        copy, what = variant(folder, tmp / "lean", lean_compute)
         if copy is not None:
             for batching in (False, None):
                 b = OrtGenaiBackend(copy, device="cpu", batching=batching, max_batch_size=max_streams)
                 b.load()
-                int8_backends.append(b)
-            int8_alone = [through_backend(int8_backends[0], [p], args.max_new_tokens)[1][0] for p in prompts]
-            strategies["batched, int8-compute copy"] = lambda n: through_backend(
-                int8_backends[1], prompts[:n], args.max_new_tokens
+                lean_backends.append(b)
+            lean_alone = [through_backend(lean_backends[0], [p], args.max_new_tokens)[1][0] for p in prompts]
+            strategies["batched, lean copy"] = lambda n: through_backend(
+                lean_backends[1], prompts[:n], args.max_new_tokens
             )
-            notes["batched, int8-compute copy"] = f"a copy of the export with {what}; compared with it alone"
+            notes["batched, lean copy"] = f"a copy of the export with {what}; compared with it alone"
 
     load_before = list(os.getloadavg())
     runs: dict[str, dict[int, list[Run]]] = {name: {n: [] for n in args.streams} for name in strategies}
@@ -303,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
-        reference = int8_alone if name.startswith("batched, int8") else alone
+        reference = lean_alone if name.startswith("batched, lean") else alone
         per_n: dict[str, Any] = {}
         for n in args.streams:
             if n in failed[name]:
@@ -368,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_json(args.output, result)
     console.print(f"wrote {path}")
-    for b in (generators, batched, *int8_backends):
+    for b in (generators, batched, *lean_backends):
         b.unload()
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

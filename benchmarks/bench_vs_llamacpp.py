@@ -14,8 +14,11 @@ the shared machine hits all of them alike; medians are reported with every run k
 - on disk: the model files the engine reads.
 
 `--compute-variants` adds copies of the default export whose 4-bit MatMulNBits run at other accuracy
-levels (int8 compute everywhere, fp32 compute in the MLP only, everywhere), each with its top-1 agreement
-with torch: the speed / resident-memory trade behind the default (docs/fused-export.md).
+levels (the lean preset's fp32-compute MLP, gate/up or down alone, everywhere), each with its top-1
+agreement with torch, and the default export without the serving side's release of weight pages: the
+speed / resident-memory trade behind the default (docs/fused-export.md). Every onnxruntime-genai engine
+gives back the weight-file pages onnxruntime keeps mapped after load, as the serving backend does
+(backends/ort_genai/resident.py).
 
 Engines: `fused` (our default int4 export, onnxruntime-genai, CPU provider), `plain` (the Optimum graph +
 MatMulNBits int4), `llamacpp` (llama-cpp-python on the original Q4_1 GGUF; optional extra `llamacpp`,
@@ -64,6 +67,10 @@ class _OgEngine:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
         self.og, self.model = og, og.Model(config)
         self.provider = "onnxruntime-genai CPUExecutionProvider"
+        if spec.get("release_pages", True):  # as the serving backend does after load (backends/ort_genai/resident.py)
+            from backends.ort_genai.resident import release_weight_pages
+
+            release_weight_pages(sorted(Path(spec["folder"]).glob("*.data")))
 
     def run(self, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
         params = self.og.GeneratorParams(self.model)
@@ -250,7 +257,7 @@ def prepare(engines: list[str], threads: int, new_tokens: int) -> tuple[list[int
 
 # label -> MatMulNBits name parts run at fp32 compute (accuracy level 0); every other 4-bit one at level 4
 COMPUTE_VARIANTS: dict[str, tuple[str, ...]] = {
-    "int8 compute everywhere": (),
+    "lean preset: fp32 compute in the MLP": ("gate_up_proj", "down_proj"),
     "fp32 compute: gate/up": ("gate_up_proj",),
     "fp32 compute: down": ("down_proj",),
     "fp32 compute everywhere": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
@@ -504,6 +511,8 @@ def main() -> None:
                 spec = {**specs["fused"], "engine": label, "folder": str(folder), "key": None}
                 spec["top1_agreement"] = agreement(folder, source)
                 specs[label] = spec
+            kept = "fused, weight pages kept mapped"  # the default export without the serving side's page release
+            specs[kept] = {**specs["fused"], "engine": kept, "release_pages": False}
         raw = run_all(specs, args.runs)
     rows = summarize(specs, raw)
     summary = goals(rows)

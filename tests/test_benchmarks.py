@@ -240,9 +240,13 @@ def test_bench_backends_quick_writes_every_field(tiny_llama, accelserve_home, tm
             assert r["peak_rss_bytes"] >= r["rss_after_load_bytes"] > 0
         for streams in ("1", "2"):
             _stats(ours["concurrency"][streams]["aggregate_tps"])
+            tpot = ours["concurrency"][streams]["tpot_s"]  # per-stream time per output token
+            assert tpot["p95"] >= tpot["p50"] > 0 and tpot["n"] == int(streams)
         assert sum(ours["concurrency"]["2"]["tokens"]) > 0
+        assert ours["peak_rss_bytes"] >= ours["peak_rss_single_stream_bytes"] > 0
         _stats(row["overhead"]["decode_tps_ratio"])
         assert row["overhead"]["load_s_ratio"] > 0 and row["overhead"]["peak_rss_ratio"] > 0
+    assert data["targets"] == {"note": "no int4 onnxruntime-genai row measured"}  # the targets need an int4 row
     for name in ("backends_decode.png", "backends_ttft.png", "backends_concurrency.png"):
         assert (tmp_path / name).stat().st_size > 1000
     md = render(tmp_path)  # the RESULTS.md section is rendered from this JSON
@@ -342,3 +346,36 @@ def test_compute_variants_rewrite_only_accuracy_levels(tiny_llama, accelserve_ho
             else:
                 fp32 = any(part in node.name for part in COMPUTE_VARIANTS[label])
                 assert attrs["accuracy_level"] == (0 if fp32 else 4), (label, node.name)
+
+
+def test_bench_backends_targets_are_ratios_of_one_run():
+    """Issue 17's targets from the int4 row and llama.cpp's row: ratios, goals, met or not (no speed asserted)."""
+    from benchmarks.bench_backends import targets
+    from benchmarks.common import Stats
+
+    def conc(agg1: float, agg8: float, tpot1: float, tpot8: float) -> dict:
+        entry = lambda agg, tpot: {"aggregate_tps": Stats(agg, agg, agg, 1), "tpot_s": {"p50": tpot}}  # noqa: E731
+        return {"1": entry(agg1, tpot1), "8": entry(agg8, tpot8)}
+
+    ours = {
+        "decode_tps": Stats(300, 300, 300, 1),
+        "peak_rss_single_stream_bytes": 240,
+        "concurrency": conc(100, 400, 0.004, 0.012),
+    }
+    llama = {
+        "decode_tps": Stats(150, 150, 150, 1),
+        "peak_rss_single_stream_bytes": 200,
+        "concurrency": conc(90, 200, 0.005, 0.02),
+    }
+    rows = [
+        {"engine": "onnxruntime-genai", "precision": "int4", "ours": ours},
+        {"engine": "llama.cpp", "precision": "gguf", "bare": llama},
+    ]
+    got = {name: (round(v["value"], 2), v["met"]) for name, v in targets(rows).items()}
+    assert got == {
+        "int4 aggregate x8 / its own x1": (4.0, True),
+        "int4 aggregate x8 / llama.cpp x8": (2.0, True),
+        "int4 single-stream decode / llama.cpp": (1.5, True),  # against llama.cpp's faster batch-1 rate (200 > 150)
+        "int4 peak RSS (single stream) / llama.cpp": (1.2, True),
+        "int4 TPOT p50 x8 / x1": (3.0, False),
+    }

@@ -71,6 +71,9 @@ def test_fp32_fused_graph_gives_torch_greedy_tokens(arch, tiny_model_factory, ac
     assert config["search"]["past_present_share_buffer"] is True
     assert config["model"]["decoder"]["session_options"]["provider_options"] == []  # the CPU floor, as plain
     assert verify_export(exported.path) == []
+    # the parity above holds with lm_head listed first (onnxruntime pre-packs it before the other layers)
+    first = onnx.load(str(exported.path / "model.onnx"), load_external_data=False).graph.node[0]
+    assert first.op_type == "MatMul" and "lm_head" in first.name
 
 
 def test_int4_fused_graph_packs_and_quantizes(tiny_llama, accelserve_home):
@@ -98,17 +101,50 @@ def test_int4_fused_graph_packs_and_quantizes(tiny_llama, accelserve_home):
     lm_head = next(n for n in nbits if "lm_head" in n.name)
     np.testing.assert_array_equal(weights[gather[0].input[0]].reshape(-1), weights[lm_head.input[1]].reshape(-1))
     np.testing.assert_array_equal(weights[gather[0].input[2]], weights[lm_head.input[2]])
-    assert q["memory_layout"] == {"embedding_untied": True, "fp32_compute_matmuls": 2 * layers}
-    # the MLP at fp32 compute (no block-sum table), attention and lm_head with int8 activations
-    levels = {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level") for n in nbits}
-    mlp = ("gate_up_proj", "down_proj")
-    assert {lvl for name, lvl in levels.items() if any(m in name for m in mlp)} == {0}
-    assert {lvl for name, lvl in levels.items() if not any(m in name for m in mlp)} == {4}
+    assert q["memory_preset"] == "fast" and q["fp32_compute"] == []
+    assert q["memory_layout"] == {
+        "preset": "fast",
+        "embedding_untied": True,
+        "fp32_compute_matmuls": 0,
+        "lm_head_prepacked_first": True,
+    }
+    # the default ("fast") preset: every MatMulNBits with int8 activations; lm_head listed (pre-packed) first
+    assert {next(a.i for a in n.attribute if a.name == "accuracy_level") for n in nbits} == {4}
+    assert graph.node[0].name == lm_head.name
     # lm_head on the last position only
     logits = next(o for o in graph.output if o.name == "logits")
     assert logits.type.tensor_type.shape.dim[1].dim_value == 1
     assert len(_greedy(exported.path, "Hello", 6)) > 1
     assert m["parity"]["tokenizer_match"] is True and 0.0 <= m["parity"]["top1_agreement"] <= 1.0
+
+
+def test_lean_memory_preset_is_honoured_and_keyed(tiny_llama, accelserve_home):
+    """memory="lean": the MLP's 4-bit MatMuls at fp32 compute, everything else as the default; its own cache key."""
+    lean = _export(tiny_llama, accelserve_home, target="cpu", precision="int4", parity=False, memory="lean")
+    assert lean.manifest["options"]["memory_preset"] == "lean"
+    assert fused.graph_key_options("fused", "int4", "lean") != fused.graph_key_options("fused", "int4")
+    q = lean.manifest["quantization"]
+    assert q["memory_preset"] == "lean" and q["fp32_compute"] == ["gate_up_proj", "down_proj"]
+    assert q["memory_layout"]["fp32_compute_matmuls"] == 4 and q["memory_layout"]["lm_head_prepacked_first"]
+    graph = onnx.load(str(lean.path / "model.onnx"), load_external_data=False).graph
+    levels = {
+        n.name: next(a.i for a in n.attribute if a.name == "accuracy_level")
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    mlp = ("gate_up_proj", "down_proj")
+    assert {lvl for name, lvl in levels.items() if any(m in name for m in mlp)} == {0}
+    assert {lvl for name, lvl in levels.items() if not any(m in name for m in mlp)} == {4}
+    assert len(_greedy(lean.path, "Hello", 6)) > 1
+
+
+def test_memory_preset_requests_are_checked(tiny_llama, accelserve_home):
+    with pytest.raises(ExportError, match=r"unknown memory preset 'tiny'.*fast, lean"):
+        _export(tiny_llama, accelserve_home, target="cpu", precision="int4", memory="tiny")
+    with pytest.raises(ExportError, match="shapes the fused int4 graph"):
+        _export(tiny_llama, accelserve_home, target="cpu", precision="fp32", memory="lean")
+    with pytest.raises(ExportError, match="shapes the fused int4 graph"):
+        _export(tiny_llama, accelserve_home, target="cpu", precision="int4", graph="plain", memory="lean")
 
 
 def test_architecture_without_fused_support_falls_back_with_reason(tiny_model_factory, accelserve_home, caplog):
