@@ -89,6 +89,16 @@ def tiny_config_kwargs(model_type: str, sizes: dict[str, Any] | None = None) -> 
             out.setdefault(mapped[name], value)
     if "kv_lora_rank" in out and "num_key_value_heads" in out:  # latent attention: one KV head per query head
         out["num_key_value_heads"] = out.get("num_attention_heads", TINY_SIZES["num_attention_heads"])
+    defaults = inspect.signature(cls.__init__).parameters
+    kv_default = defaults["num_key_value_heads"].default if "num_key_value_heads" in defaults else None
+    if "partial_rotary_factor" in params and kv_default is None and sizes is None:
+        # Partial-rotary families without GQA of their own (phi, nemotron, stablelm): 2 heads of 32 dims, so
+        # the rotated part (a multiple of 8 wide, as GroupQueryAttention's rotary cache needs) fits, no GQA.
+        out.pop("num_key_value_heads", None)
+        out.pop("head_dim", None)
+        heads = mapped.get("num_attention_heads", "num_attention_heads")
+        heads = heads if heads in params else "num_attention_heads"
+        out[heads] = 2
     return out
 
 
