@@ -152,10 +152,17 @@ def serve_cluster(
 
 
 def _wait_forever() -> None:
+    """Until Ctrl-C or SIGTERM (a service manager's stop); either ends in the caller's `serve.shutdown()`."""
+    import signal
     import time
 
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started in the background, where SIGINT is ignored
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        log.info("stopping")
+        log.info("stopping: removing the application from the cluster")
