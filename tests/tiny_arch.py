@@ -94,8 +94,9 @@ def tiny_config_kwargs(model_type: str, sizes: dict[str, Any] | None = None) -> 
     if "partial_rotary_factor" in params and kv_default is None and sizes is None:
         # Partial-rotary families without GQA of their own (phi, nemotron, stablelm): 2 heads of 32 dims, so
         # the rotated part (a multiple of 8 wide, as GroupQueryAttention's rotary cache needs) fits, no GQA.
-        out.pop("num_key_value_heads", None)
-        out.pop("head_dim", None)
+        for name, value in (("num_key_value_heads", 2), ("head_dim", 32)):
+            if name in out:
+                out[name] = value
         heads = mapped.get("num_attention_heads", "num_attention_heads")
         heads = heads if heads in params else "num_attention_heads"
         out[heads] = 2
