@@ -41,6 +41,14 @@ WORKER_TIMEOUT_S = 900
 REASON_CHARS = 300
 
 
+def scrub(obj: Any) -> Any:
+    """Drop this machine's paths from measured messages (temporary checkpoint folders, site-packages)."""
+    text = json.dumps(obj)
+    text = re.sub(r"/[^\s\"']*?/arch-[^/\s\"']+/", "", text)
+    text = re.sub(r"/[^\s\"']*site-packages/", "", text)
+    return json.loads(text)
+
+
 def _short(text: str) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
@@ -266,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         for future in tqdm(as_completed(futures), total=len(futures), desc="architectures"):
             results.append(future.result())
             tqdm.write(json.dumps({k: v for k, v in results[-1].items() if k != "attempts"}))
-    results.sort(key=lambda r: order.index(r["model_type"]))
+    results = scrub(sorted(results, key=lambda r: order.index(r["model_type"])))
     rows = table_rows(results)
     print(markdown(rows))
     write_json(args.output, {"machine": machine_info(), "rows": rows, "raw": results, "markdown": markdown(rows)})
