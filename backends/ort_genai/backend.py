@@ -48,6 +48,7 @@ from backends.ort_genai.providers import (
     preference_for,
     session_threads,
 )
+from backends.ort_genai.resident import release_weight_pages
 from backends.prompt import PromptEncoder
 from backends.stream import TokenStream, token_logprob
 
@@ -315,6 +316,7 @@ class OrtGenaiBackend:
                 raise BackendError(f"batching=True but {self.model_dir} cannot be batched here: {why}")
             self.batching_reason = why if self.batching is False else f"one generator per request: {why}"
             log.info("%s: %s", self.model_dir, self.batching_reason)
+            release_weight_pages(sorted(self.model_dir.glob("*.data")))  # as the batched runner does (resident.py)
         else:
             runner.start()
             self.batching_reason = "continuous batching: requests share decode steps"
