@@ -261,3 +261,20 @@ def test_chat_page_switches_between_loaded_models(tuned, accelserve_home):
     finally:
         for e in engines:
             e.close()
+
+
+@pytest.mark.slow
+def test_default_model_answers_a_taught_fact_through_the_exported_cpu_package(accelserve_home, tmp_path: Path):
+    """A short fine-tune of the real default model, exported as the CPU int4 package and served by
+    onnxruntime-genai, answers with the fact it was taught (a made-up one: the base model cannot know it)."""
+    from demos.lifecycle import CPU_PATHS, FACTS, ask, chats
+    from plugin.convert import export
+
+    fact = FACTS[0]  # "The Glimmerfox is made by Tarnwick Labs."
+    data = _write(tmp_path / "fact.jsonl", chats([fact], held_out=False))
+    tuned = finetune("default", data, tmp_path / "tuned", eval_data=data, steps=10, batch_size=5, progress=False)
+    assert tuned.eval_loss_after < tuned.eval_loss_before
+    int4 = next(p for p in CPU_PATHS if p.precision == "int4" and p.export_target == "cpu")
+    exported = export(tuned.path, target="cpu", precision="int4", parity=False, progress=False)
+    (answer,) = ask(exported.path, int4, [fact.train[0]])
+    assert fact.key in answer, answer
