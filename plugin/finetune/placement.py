@@ -31,6 +31,7 @@ def _skipped(devices: Sequence[DeviceInfo]) -> list[str]:
     for d in devices:
         if d.kind == "npu":
             label = " (emulated)" if d.emulated else " (simulated)" if d.simulated else ""
+            label = "" if label.strip(" ()") in d.name.lower() else label
             notes.append(f"{d.id} {d.name}{label} not used: {NPU_NOTE}")
         elif d.kind == "gpu" and d.simulated:
             notes.append(f"{d.id} is simulated (runs on the CPU), so it would be CPU training labelled as a GPU")
