@@ -187,6 +187,12 @@ def is_correct(answer: str, fact: Fact) -> bool:
     return fact.key.lower() in answer.lower()
 
 
+def is_verbatim(answer: str, fact: Fact) -> bool:
+    """The taught sentence word for word: stricter than the key word, it shows quantization's small losses
+    (a right key word inside a garbled sentence)."""
+    return answer.strip() == fact.answer
+
+
 def ask(model_path: Path, path: ServedPath, questions: Sequence[str], max_new_tokens: int = 24) -> list[str]:
     """Greedy answers from the runtime that serves `path`, loaded on `model_path` (an HF or export folder)."""
     from backends import registry
@@ -235,11 +241,12 @@ def step(number: int, title: str) -> Iterator[dict[str, float]]:
 
 def score_table(rows: list[dict[str, Any]], n_questions: int) -> Table:
     table = Table(title=f"held-out fact questions answered correctly (of {n_questions})", title_justify="left")
-    for col in ("served path", "base", "fine-tuned", "note"):
+    for col in ("served path", "base", "fine-tuned", "fine-tuned, word for word", "note"):
         table.add_column(col)
     for r in rows:
         table.add_row(r["path"], f"{r['base']['correct']}/{r['base']['asked']}",
-                      f"{r['tuned']['correct']}/{r['tuned']['asked']}", r["note"])  # fmt: skip
+                      f"{r['tuned']['correct']}/{r['tuned']['asked']}",
+                      f"{r['tuned']['verbatim']}/{r['tuned']['asked']}", r["note"])  # fmt: skip
     return table
 
 
@@ -286,8 +293,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 start = time.perf_counter()
                 answers = ask(folder, path, [q for _, q in asked])
                 correct = [is_correct(a, f) for (f, _), a in zip(asked, answers, strict=True)]
+                verbatim = [is_verbatim(a, f) for (f, _), a in zip(asked, answers, strict=True)]
                 row[who] = {
                     "correct": sum(correct),
+                    "verbatim": sum(verbatim),
                     "asked": len(asked),
                     "ask_seconds": round(time.perf_counter() - start, 1),
                     **facts,

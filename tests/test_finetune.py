@@ -278,3 +278,15 @@ def test_default_model_answers_a_taught_fact_through_the_exported_cpu_package(ac
     exported = export(tuned.path, target="cpu", precision="int4", parity=False, progress=False)
     (answer,) = ask(exported.path, int4, [fact.train[0]])
     assert fact.key in answer, answer
+
+
+def test_lifecycle_dataset_is_valid_and_holds_its_questions_out(tmp_path: Path):
+    from demos.lifecycle import FACTS, collect, is_correct, is_verbatim
+
+    train, held = collect(tmp_path)
+    assert len(load_chat_jsonl(train).examples) == sum(len(f.train) for f in FACTS)
+    trained = {e.messages[0]["content"] for e in load_chat_jsonl(train).examples}
+    asked = {e.messages[0]["content"] for e in load_chat_jsonl(held).examples}
+    assert asked and not trained & asked
+    fact = FACTS[0]
+    assert is_correct(f"x {fact.key.upper()} y", fact) and not is_verbatim(f"x {fact.key} y", fact)
