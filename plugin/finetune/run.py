@@ -95,8 +95,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
     if threads is None:
         yield
         return
-    if threads < 1:
-        raise FinetuneError(f"threads must be a positive integer (got {threads})")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -141,6 +139,8 @@ def finetune(
     from plugin.engine.devices import discover_devices
     from plugin.models.resolve import resolve_model
 
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise FinetuneError(f"threads must be a positive integer (got {threads!r}), or None for torch's default")
     settings = settings or LoraSettings()
     try:
         settings = replace(settings, **overrides)
