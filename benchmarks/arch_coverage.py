@@ -177,7 +177,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in results:
         computed = support_for(r["model_type"])
-        status = "refused" if r.get("refusal") else ("served" if r.get("fp32_exact") else "refused")
+        refused = r.get("refusal") or (computed.reason if computed.status == "refused" else None)
+        status = "refused" if refused else ("served" if r.get("fp32_exact") else "refused")
         note = (
             " (measured on seed 1: seed 0's random checkpoint had two tokens tied to 1e-6 in one greedy step)"
             if r.get("seed")
@@ -187,14 +188,12 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "model_type": r["model_type"],
                 "hf_class": computed.hf_class,
-                "graph": r.get("graph", "-"),
-                "fp32_parity": "exact" if r.get("fp32_exact") else ("-" if r.get("refusal") else "not exact"),
-                "int4_top1": r.get("int4_top1"),
+                "graph": "-" if refused else r.get("graph", "-"),
+                "fp32_parity": "-" if refused else ("exact" if r.get("fp32_exact") else "not exact"),
+                "int4_top1": None if refused else r.get("int4_top1"),
                 "npu": "yes" if status == "served" and computed.npu_reason is None else "no",
                 "status": status,
-                "reason": (
-                    r.get("refusal") or (f"fused graph failed: {r['fused_failure']}" if r.get("fused_failure") else "")
-                )
+                "reason": (refused or (f"fused graph failed: {r['fused_failure']}" if r.get("fused_failure") else ""))
                 + note,
                 "npu_reason": computed.npu_reason,
                 "seconds": r.get("seconds"),

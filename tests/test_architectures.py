@@ -160,7 +160,7 @@ def test_refused_architecture_says_why_before_any_work(model_type, tmp_path, acc
     monkeypatch.setattr(optimum_step, "optimum_export", no_work)
     with pytest.raises(ExportError) as err:
         export(folder, target="cpu", precision="int4", home=accelserve_home, progress=False)
-    row = architectures.support_for(model_type)
+    row = architectures.support_for(model_type, json.loads((folder / "config.json").read_text()))
     assert f"{model_type!r}" in str(err.value) and row.reason in str(err.value)
     code = cli_main(["export", str(folder), "--target", "cpu"])
     captured = capsys.readouterr()
