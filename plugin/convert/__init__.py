@@ -159,6 +159,7 @@ def _build(
     timer: StepTimer,
     graph: str = "plain",
     qnn_shape: tuple[int, int] | None = None,
+    memory: str = "fast",
 ) -> dict[str, Any]:
     """Fill `tmp` with a complete export (minus manifest); return manifest fields it learned."""
     if graph == "qnn":
@@ -179,7 +180,7 @@ def _build(
         from plugin.convert.fused import try_build_fused
 
         learned, fallback_reason = try_build_fused(
-            source, tmp, target, precision, block_size, symmetric, timer, _config_provider_options
+            source, tmp, target, precision, block_size, symmetric, timer, _config_provider_options, memory
         )
         if learned is not None:
             return learned
@@ -252,6 +253,7 @@ def export(
     graph: str = "auto",
     context_length: int | None = None,
     window: int | None = None,
+    memory: str = "fast",
 ) -> ExportedModel:
     """Export `model_ref` for onnxruntime-genai on `target` at `precision`, through the cache.
 
@@ -262,6 +264,8 @@ def export(
     (fused for int4/fp32 on cpu; architectures it cannot take fall back to plain, reason logged) or "qnn"
     (what "auto" means for target "npu": the QNN HTP pipeline, qnn/). `context_length` (default 1024) and
     `window` (prefill window, default 64) shape the HTP pipeline and are part of its cache key.
+    `memory` (fused int4 only): "fast" (default, int8 compute everywhere) or "lean" (fp32-compute MLP: less
+    resident memory, slower decode); see docs/fused-export.md.
     """
     from plugin.convert.fused import graph_key_options, resolve_graph
     from plugin.convert.qnn import check_qnn_request, default_qnn_shape, qnn_key_options
@@ -270,6 +274,14 @@ def export(
     if graph == "qnn" and target != "npu":
         raise ExportError(f"graph='qnn' (the QNN HTP pipeline) is built for target 'npu', not {target!r}")
     graph = "qnn" if target == "npu" and graph in ("auto", "qnn") else resolve_graph(graph, target, precision)
+    from plugin.convert.fused_memory import DEFAULT_MEMORY_PRESET, check_memory_preset
+
+    check_memory_preset(memory)
+    if memory != DEFAULT_MEMORY_PRESET and (graph != "fused" or precision != "int4"):
+        raise ExportError(
+            f"memory={memory!r} shapes the fused int4 graph (got graph {graph!r}, precision {precision!r}); "
+            f"drop it or use precision 'int4' with graph 'auto' or 'fused'"
+        )
     if graph != "qnn" and (context_length is not None or window is not None):
         raise ExportError("context_length and window shape the NPU (QNN HTP) pipeline; use them with target 'npu'")
     home_dir = _home(home)
@@ -289,7 +301,7 @@ def export(
     with timer.step("hash_source", "hashing source checkpoint"):
         source_hash = cache.hash_source(source, memo=root / cache.HASH_MEMO)
     options = {"block_size": block_size, "symmetric": symmetric} if precision in ("int4", "int8") else {}
-    options.update(qnn_key_options(*qnn_shape) if graph == "qnn" else graph_key_options(graph, precision))
+    options.update(qnn_key_options(*qnn_shape) if graph == "qnn" else graph_key_options(graph, precision, memory))
     versions = _versions()
     key = cache.compute_key(name, target, precision, source_hash, options, versions)
     final = root / key
@@ -309,7 +321,7 @@ def export(
         if not cache_hit:
             tmp = cache.new_tmp_dir(root, key)
             try:
-                learned = _build(source, tmp, target, precision, block_size, symmetric, timer, graph, qnn_shape)
+                learned = _build(source, tmp, target, precision, block_size, symmetric, timer, graph, qnn_shape, memory)
                 parity_report = None
                 if parity:
                     parity_report = _run_parity(tmp, source, precision, timer, graph)
