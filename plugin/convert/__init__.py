@@ -113,11 +113,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def check_architecture(hf_config: dict[str, Any], source: Path | str = "") -> str:
+def check_architecture(hf_config: dict[str, Any], source: Path | str = "", precision: str | None = None) -> str:
     """The checkpoint's model_type; ExportError (before any work) when it cannot be served, with the reason."""
     from plugin.convert.architectures import check_architecture as check
 
-    return check(hf_config, source).model_type
+    return check(hf_config, source, precision).model_type
 
 
 def _check_local_architecture(model_ref: str | Path) -> None:
@@ -288,7 +288,7 @@ def export(
     _check_local_architecture(model_ref)
     source, name, ref = _resolve(model_ref, home_dir)
     hf_config = _read_hf_config(source)
-    arch = check_architecture(hf_config, source)
+    arch = check_architecture(hf_config, source, precision)
     qnn_shape = default_qnn_shape(hf_config, window, context_length)
     if graph == "qnn":
         check_qnn_request(hf_config, precision, *qnn_shape)
