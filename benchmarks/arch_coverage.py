@@ -144,6 +144,9 @@ def _measure_seed(model_type: str, work: Path, seed: int, row: dict[str, Any]) -
     fp32 = attempts[f"{chosen}_fp32"]
     row.update(graph=chosen, fp32_exact=bool(fp32["generation_exact"]) and fp32["top1_agreement"] == 1.0)
     attempts["int4"] = int4 = _export(source, home, chosen, "int4")
+    if int4["ok"] and int4["graph"] != chosen:  # export() fell back to another graph: not this one's figure
+        row["int4_failure"] = int4.get("fallback_reason") or f"built {int4['graph']}"
+        int4 = {"ok": False, "error": row["int4_failure"]}
     row["int4_top1"] = int4.get("top1_agreement") if int4["ok"] else None
     if not int4["ok"]:
         row["int4_error"] = int4["error"]
@@ -193,7 +196,11 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "int4_top1": None if refused else r.get("int4_top1"),
                 "npu": "yes" if status == "served" and computed.npu_reason is None else "no",
                 "status": status,
-                "reason": (refused or (f"fused graph failed: {r['fused_failure']}" if r.get("fused_failure") else ""))
+                "reason": (
+                    refused
+                    or (f"fused graph failed: {r['fused_failure']}" if r.get("fused_failure") else "")
+                    or (computed.reason or "")
+                )
                 + note,
                 "npu_reason": computed.npu_reason,
                 "seconds": r.get("seconds"),
@@ -222,7 +229,7 @@ def write_record(results: list[dict[str, Any]], path: Path, merge: bool = False)
     """
     from plugin.convert.architectures import installed_versions
 
-    keep = ("graph", "fp32_exact", "int4_top1", "fused_failure", "refusal", "seed", "seed_0_tie")
+    keep = ("graph", "fp32_exact", "int4_top1", "int4_failure", "fused_failure", "refusal", "seed", "seed_0_tie")
     entries = {r["model_type"]: {k: r[k] for k in keep if r.get(k) is not None} for r in results}
     if merge and path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))

@@ -65,7 +65,8 @@ def test_fused_graph_is_chosen_by_the_builders_own_class_list():
             continue
         in_builder = row.hf_class in classes
         assert (row.graph == "fused") == (in_builder and not row.measured.get("fused_failure")), row
-        assert "cpu" in row.targets and "fp32" in row.precisions and "int4" in row.precisions
+        assert "cpu" in row.targets and "fp32" in row.precisions
+        assert "int4" in row.precisions or row.measured.get("int4_failure"), row
 
 
 def test_npu_column_is_the_htp_pipelines_own_refusal():
@@ -116,6 +117,10 @@ def test_fp32_export_reproduces_torch_and_int4_is_sane(model_type, exports):
     assert m["architecture"] == model_type
     assert m["graph"]["built"] == row.graph, m["graph"]
     assert m["parity"]["generation_exact"] is True and m["parity"]["top1_agreement"] == 1.0
+    if "int4" not in row.precisions:  # measured: no int4 graph of this architecture reproduces it
+        with pytest.raises(ExportError, match="not int4"):
+            exports(model_type, "int4")
+        return
     int4 = exports(model_type, "int4")  # parity figures for int4 are the benchmark's (arch_coverage.py)
     q = int4.manifest
     assert q["precision"] == "int4" and q["graph"]["built"] == row.graph

@@ -199,9 +199,16 @@ def support_for(model_type: str, hf_config: dict[str, Any] | None = None) -> Arc
     moe = _moe_reason(model_type, hf_config)
     if moe and not fused:
         return ArchitectureSupport(model_type, hf_class, "-", "refused", reason=moe, measured=measured)
+    fused_precisions = FUSED_PRECISIONS if fused else ()
+    if measured.get("int4_failure"):  # the builder's int4 graph failed where its fp32 one is exact
+        fused_precisions = tuple(p for p in fused_precisions if p != "int4")
+        reason = f"int4: the builder's fused int4 graph failed ({measured['int4_failure']})"
+    plain_precisions = () if moe else PLAIN_PRECISIONS  # MoE: only the fused graph routes correctly
+    if moe and measured.get("int4_failure"):
+        reason = f"{reason}; the plain graph is not an option either: {moe}"
     npu_reason = _npu_reason(model_type, hf_config)
-    targets = ("cpu", "gpu") + (() if npu_reason else ("npu",))
-    precisions = tuple(dict.fromkeys((*(FUSED_PRECISIONS if fused else ()), *PLAIN_PRECISIONS)))
+    targets = ("cpu",) + (("gpu",) if plain_precisions else ()) + (() if npu_reason else ("npu",))
+    precisions = tuple(dict.fromkeys((*fused_precisions, *plain_precisions)))
     status = "served" if measured.get("fp32_exact") else "unmeasured"
     return ArchitectureSupport(
         model_type, hf_class, graph, status, precisions, targets, reason, npu_reason, measured=measured
@@ -259,8 +266,10 @@ def fused_graph_reason(hf_config: dict[str, Any]) -> str | None:
     return None
 
 
-def check_architecture(hf_config: dict[str, Any], source: Path | str = "") -> ArchitectureSupport:
-    """Refuse, before any work, a checkpoint whose architecture cannot be served; return its table row."""
+def check_architecture(
+    hf_config: dict[str, Any], source: Path | str = "", precision: str | None = None
+) -> ArchitectureSupport:
+    """Refuse, before any work, a checkpoint whose architecture (at `precision`) cannot be served; its row."""
     model_type = str(hf_config.get("model_type", ""))
     if not model_type:
         raise ExportError(f"{source}/config.json names no model_type; it is not a Hugging Face transformers checkpoint")
@@ -269,5 +278,10 @@ def check_architecture(hf_config: dict[str, Any], source: Path | str = "") -> Ar
         raise ExportError(
             f"architecture {model_type!r} of {source} cannot be exported: {row.reason}. "
             "See `accelserve models --supported` for the architectures that can."
+        )
+    if precision is not None and precision not in row.precisions:
+        raise ExportError(
+            f"architecture {model_type!r} of {source} is served at {', '.join(row.precisions)}, not {precision}: "
+            f"{row.reason}"
         )
     return row
