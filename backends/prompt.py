@@ -9,6 +9,7 @@ chat template: a model without one is refused on every path with the same messag
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +18,15 @@ from typing import Any
 from backends.base import GenerationRequest
 from backends.detok import StreamDecoder, decoder_factory
 
+log = logging.getLogger(__name__)
+
 
 class NoChatTemplateError(ValueError):
     """Chat messages were sent to a model whose tokenizer has no chat template."""
 
 
 class PromptEncoder:
-    """A transformers tokenizer behind the two things serving needs: prompt ids and streaming decoders."""
+    """A tokenizer (backends/hf_tokenizer.py, else transformers') behind prompt ids and streaming decoders."""
 
     def __init__(self, tokenizer: Any, name: str = "the model") -> None:
         self.tokenizer = tokenizer
@@ -32,12 +35,30 @@ class PromptEncoder:
         self._decoders: Callable[[list[int]], StreamDecoder] = decoder_factory(tokenizer)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, gguf_file: str | None = None) -> PromptEncoder:
-        """The tokenizer saved in an HF checkpoint or an export folder (tokenizer.json + tokenizer_config.json)."""
+    def from_folder(cls, folder: str | Path, gguf_file: str | None = None, transformers: bool = False) -> PromptEncoder:
+        """The tokenizer saved in an HF checkpoint or an export folder (tokenizer.json + tokenizer_config.json).
+
+        A folder with tokenizer.json is read without transformers (backends/hf_tokenizer.py): importing
+        transformers' tokenizers imports torch, ~375 MB resident, which the ONNX path never needs otherwise.
+        `transformers=True` (the torch backend, which loads torch anyway), a GGUF file, a folder without
+        tokenizer.json or a tokenizer that needs transformers' load-time rebuild use AutoTokenizer.
+        """
+        folder = Path(folder)
+        why = "asked for transformers" if transformers else "a GGUF file" if gguf_file else ""
+        if not why and not (folder / "tokenizer.json").is_file():
+            why = "no tokenizer.json (a slow-only or GGUF-only folder)"
+        if not why:
+            from backends.hf_tokenizer import HFTokenizer, UnsupportedTokenizer
+
+            try:
+                return cls(HFTokenizer.from_folder(folder), name=folder.name)
+            except UnsupportedTokenizer as exc:
+                why = str(exc)
+        log.debug("tokenizer of %s through transformers' AutoTokenizer: %s", folder, why)
         from transformers import AutoTokenizer
 
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        return cls(AutoTokenizer.from_pretrained(str(folder), **kwargs), name=Path(folder).name)
+        return cls(AutoTokenizer.from_pretrained(str(folder), **kwargs), name=folder.name)
 
     @property
     def has_chat_template(self) -> bool:

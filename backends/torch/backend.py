@@ -382,7 +382,7 @@ class TorchBackend:
         if self.device.type == "cuda":
             kwargs["device_map"] = {"": self.device}  # straight onto the GPU, never staged whole in host RAM
         try:
-            encoder = PromptEncoder.from_folder(self.folder, self.gguf_file)
+            encoder = PromptEncoder.from_folder(self.folder, self.gguf_file, transformers=True)
             tokenizer = encoder.tokenizer
             try:
                 model = AutoModelForCausalLM.from_pretrained(
