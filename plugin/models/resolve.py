@@ -198,10 +198,11 @@ def gguf_cache_folder(gguf: Path, home: Path) -> Path:
 
 
 def _convert_cached(gguf: Path, target: Path, extra: dict) -> Path:
-    from plugin.models.gguf_import import convert_gguf, read_gguf_info
-
     if is_complete(target):
         return target
+    # Only on a miss: the converter imports transformers, hence torch (~375 MB a served ONNX model never needs).
+    from plugin.models.gguf_import import convert_gguf, read_gguf_info
+
     info = read_gguf_info(gguf)  # fail fast with a clear message before taking the lock or a temp folder
 
     def build(tmp: Path) -> dict:
