@@ -57,6 +57,25 @@ def test_devices_map_to_ray_resources_by_class():
     }
 
 
+def test_a_local_cluster_serves_from_the_cpu_beside_its_accelerators(monkeypatch):
+    """`serve --ray` without an address starts a one-node cluster: the CPU is the floor there, as on one machine
+    (found by hand: with an emulated NPU advertised, the CPU was not, and a CPU-pinned request had no device)."""
+    from plugin.cluster import app
+    from plugin.engine.devices import discover_cpu, parse_simulation
+
+    started: dict = {}
+    monkeypatch.setattr(
+        "plugin.engine.devices.discover_devices", lambda: [discover_cpu(), *parse_simulation("npu:8GB")]
+    )
+    monkeypatch.setattr(app.ray, "init", lambda **kw: started.update(kw))
+    monkeypatch.setattr(app, "deploy", lambda *a, **kw: None)
+    monkeypatch.setattr(app, "_wait_forever", lambda: None)
+    monkeypatch.setattr(app.serve, "shutdown", lambda: None)
+    monkeypatch.setattr(app.ray, "shutdown", lambda: None)
+    app.serve_cluster(None, app.ClusterConfig(model="unused"))
+    assert started["resources"] == {"accelserve_cpu": 1.0, "accelserve_sim_npu": 1.0}
+
+
 def test_a_replica_claims_a_free_device_of_its_class(tmp_path):
     from plugin.cluster.replica import DeviceClaimError, claim_device
     from plugin.engine.devices import parse_simulation

@@ -139,7 +139,8 @@ def serve_cluster(
     else:
         from plugin.engine.devices import discover_devices
 
-        resources = node_resources(discover_devices())
+        # A local cluster is this machine alone: its CPU is the floor, as in the single-machine server.
+        resources = node_resources(discover_devices(), serve_cpu=True)
         log.info("starting a local Ray cluster with this machine's devices: %s", resources)
         ray.init(resources=resources, include_dashboard=False)
     try:
