@@ -12,10 +12,9 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig
 
-from tiny_models import build_tokenizer
+from tiny_models import build_tokenizer, save_decisive_model
 
 # Standard names -> tiny values; each is passed only when the config class takes it (directly or mapped).
 TINY_SIZES: dict[str, Any] = {
@@ -124,13 +123,4 @@ def build_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0, **overri
         decoder_start_token_id=bos,
         **kwargs,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # decisive greedy choices, as tiny_models does
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(3.0)
-    model.eval()
-    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_decisive_model(config, folder, seed)

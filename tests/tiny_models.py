@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -112,15 +112,23 @@ def build_tiny_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
         pad_token_id=pad,
         **TINY_CONFIGS[arch],
     )
+    return save_decisive_model(config, folder, seed)
+
+
+def save_decisive_model(config: PretrainedConfig, folder: Path, seed: int = 0) -> Path:
+    """Save a random-weight causal LM of `config` into `folder`.
+
+    Random weights at init scale give near-uniform logits; they are widened so greedy choices are decisive
+    and parity tests compare real decisions rather than ties."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Random weights at init scale give near-uniform logits; widen them so greedy choices are decisive
-    # and parity tests compare real decisions rather than ties.
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(3.0)
     model.eval()
-    model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
     model.save_pretrained(folder, safe_serialization=True)
     return folder
