@@ -375,7 +375,8 @@ def _run_parity(folder: Path, source: Path, precision: str, timer: StepTimer, gr
     if precision == "fp32" and not report.passed:
         raise ExportError(
             f"fp32 export does not reproduce the torch model: greedy tokens match on "
-            f"{sum(report.generation_match)}/{report.prompts} prompts, top-1 agreement {report.top1_agreement}, "
+            f"{sum(report.generation_match)}/{report.prompts} prompts (torch's logit gaps where the others part: "
+            f"{report.generation_ties}), top-1 agreement {report.top1_agreement}, "
             f"max logit diff {report.max_logit_diff}. This is an exporter bug for this architecture; please report it."
         )
     return report.to_dict()

@@ -2,7 +2,8 @@
 
 Two checks on fixed prompts, the same token ids fed to both sides (the tokenizer is checked separately):
 - generation: greedy continuation by onnxruntime-genai (the runtime that will serve the folder) versus
-  `transformers.generate(do_sample=False)`; fp32 must match token for token or the export fails.
+  `transformers.generate(do_sample=False)`; fp32 must match token for token or the export fails, except
+  where the two part at a tie (torch's logits of both tokens within `TIE_TOLERANCE`), which is noted.
 - logits: prompt + torch's continuation fed to onnxruntime-genai one token at a time (teacher forcing), its
   logits after each token compared with torch's at that position: top-1 agreement and max |logit
   difference|. One token per step, because a fused graph computes lm_head for the last position only.
@@ -32,6 +33,10 @@ PROMPTS = (
 NEW_TOKENS = 8
 # Teacher-forced top-1 agreement below which a quantized export logs a warning (fp32 must be exact).
 AGREEMENT_WARN: dict[str, float] = {"fp32": 1.0, "fp16": 0.98, "int8": 0.95, "int4": 0.80}
+TIE_TOLERANCE = 1e-4
+"""Two tokens whose torch logits differ by less than this are a tie at fp32: a prefill computed in one pass
+and one computed token by token round differently (~1e-6), so greedy may take either, and an exact runtime
+can part from torch there. Seen on tiny random and freshly fine-tuned checkpoints (max logit diff ~1e-6)."""
 
 
 @dataclass
@@ -42,6 +47,7 @@ class ParityReport:
     new_tokens: int
     generation_match: list[bool] = field(default_factory=list)
     generation_exact: bool = False
+    generation_ties: list[float] = field(default_factory=list)  # torch's logit gap where a continuation parted
     top1_agreement: float | None = None
     max_logit_diff: float | None = None
     tokenizer_match: bool | None = None
@@ -76,6 +82,18 @@ def _torch_side(source: Path, prompt_ids: list[list[int]]) -> tuple[list[list[in
             sequences.append(seq)
             logits.append(model(torch.tensor([seq])).logits[0].float().numpy())
     return sequences, logits
+
+
+def parting_gap(torch_seq: list[int], og_seq: list[int], torch_logits: np.ndarray) -> float | None:
+    """Where two greedy continuations of the same prompt first part, how far apart torch's logits put the two
+    tokens (row i of `torch_logits` predicts token i + 1); None when they do not part at a token both chose."""
+    for pos, (a, b) in enumerate(zip(torch_seq, og_seq, strict=False)):
+        if a != b:
+            if pos == 0:
+                return None
+            row = torch_logits[pos - 1]
+            return abs(float(row[a]) - float(row[b]))
+    return None
 
 
 def _og_logits(model: Any, seq: list[int]) -> np.ndarray:
@@ -132,12 +150,18 @@ def run_parity(folder: Path, source: Path, precision: str) -> ParityReport:
         )
 
     torch_seqs, torch_logits = _torch_side(source, prompt_ids)
-    for ids, seq in zip(prompt_ids, torch_seqs, strict=True):
+    tied = 0
+    for ids, seq, ref in zip(prompt_ids, torch_seqs, torch_logits, strict=True):
         og_seq = [int(t) for t in _og_generate(og_model, ids, len(ids) + NEW_TOKENS)]
         report.generation_match.append(og_seq == seq)
         if og_seq != seq:
             log.info("generation differs: torch %s vs onnxruntime-genai %s", seq[len(ids) :], og_seq[len(ids) :])
+            gap = parting_gap(seq, og_seq, ref)
+            if gap is not None:
+                report.generation_ties.append(gap)
+                tied += int(gap <= TIE_TOLERANCE)
     report.generation_exact = all(report.generation_match)
+    only_ties = sum(report.generation_match) + tied == len(report.generation_match)
     agree = total = 0
     max_diff = 0.0
     for seq, ref in zip(torch_seqs, torch_logits, strict=True):
@@ -150,7 +174,14 @@ def run_parity(folder: Path, source: Path, precision: str) -> ParityReport:
     report.max_logit_diff = max_diff
 
     if precision == "fp32":
-        report.passed = report.generation_exact and report.top1_agreement == 1.0
+        report.passed = only_ties and report.top1_agreement == 1.0
+        if report.passed and not report.generation_exact:
+            report.notes.append(
+                f"{tied} greedy continuation(s) parted from torch's at a tie (torch's logits of the two tokens "
+                f"within {TIE_TOLERANCE:g}: {', '.join(f'{g:.1e}' for g in report.generation_ties)}); every "
+                "teacher-forced top-1 choice equals torch's"
+            )
+            log.info("fp32 parity: %s", report.notes[-1])
     else:
         report.passed = report.top1_agreement >= report.threshold
         if not report.passed:
