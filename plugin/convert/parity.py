@@ -84,16 +84,36 @@ def _torch_side(source: Path, prompt_ids: list[list[int]]) -> tuple[list[list[in
     return sequences, logits
 
 
-def parting_gap(torch_seq: list[int], og_seq: list[int], torch_logits: np.ndarray) -> float | None:
+def until_stop(seq: list[int], prompt_len: int, stop_ids: frozenset[int]) -> list[int]:
+    """`seq` cut before the first stop token of its continuation: onnxruntime-genai leaves EOS out of a
+    sequence, transformers keeps it, so the two are compared up to (not including) it."""
+    for pos in range(prompt_len, len(seq)):
+        if seq[pos] in stop_ids:
+            return seq[:pos]
+    return seq
+
+
+def parting_gap(
+    torch_seq: list[int], og_seq: list[int], torch_logits: np.ndarray, stop_ids: frozenset[int] = frozenset()
+) -> float | None:
     """Where two greedy continuations of the same prompt first part, how far apart torch's logits put the two
-    tokens (row i of `torch_logits` predicts token i + 1); None when they do not part at a token both chose."""
+    tokens (row i of `torch_logits` predicts token i + 1). Both are cut before their stop token
+    (`until_stop`), so when one is a prefix of the other, the shorter one chose its likeliest stop id there.
+    None when they do not part (identical, or the prompt itself differs)."""
     for pos, (a, b) in enumerate(zip(torch_seq, og_seq, strict=False)):
         if a != b:
-            if pos == 0:
-                return None
-            row = torch_logits[pos - 1]
-            return abs(float(row[a]) - float(row[b]))
-    return None
+            return None if pos == 0 else _gap(torch_logits[pos - 1], a, b)
+    pos = min(len(torch_seq), len(og_seq))
+    if len(torch_seq) == len(og_seq) or not stop_ids or pos == 0:
+        return None
+    row = torch_logits[pos - 1]
+    token = (torch_seq if len(torch_seq) > pos else og_seq)[pos]
+    stop = max(stop_ids, key=lambda t: float(row[t]))
+    return _gap(row, token, stop)
+
+
+def _gap(row: np.ndarray, a: int, b: int) -> float:
+    return abs(float(row[a]) - float(row[b]))
 
 
 def _og_logits(model: Any, seq: list[int]) -> np.ndarray:
@@ -149,14 +169,16 @@ def run_parity(folder: Path, source: Path, precision: str) -> ParityReport:
             "exported folder would mis-tokenize. Re-save the tokenizer as a fast tokenizer (tokenizer.json)."
         )
 
+    stop_ids = frozenset(int(t) for t in og_tok.eos_token_ids)
     torch_seqs, torch_logits = _torch_side(source, prompt_ids)
     tied = 0
-    for ids, seq, ref in zip(prompt_ids, torch_seqs, torch_logits, strict=True):
-        og_seq = [int(t) for t in _og_generate(og_model, ids, len(ids) + NEW_TOKENS)]
+    for ids, full_seq, ref in zip(prompt_ids, torch_seqs, torch_logits, strict=True):
+        seq = until_stop(full_seq, len(ids), stop_ids)
+        og_seq = until_stop([int(t) for t in _og_generate(og_model, ids, len(ids) + NEW_TOKENS)], len(ids), stop_ids)
         report.generation_match.append(og_seq == seq)
         if og_seq != seq:
             log.info("generation differs: torch %s vs onnxruntime-genai %s", seq[len(ids) :], og_seq[len(ids) :])
-            gap = parting_gap(seq, og_seq, ref)
+            gap = parting_gap(seq, og_seq, ref, stop_ids)
             if gap is not None:
                 report.generation_ties.append(gap)
                 tied += int(gap <= TIE_TOLERANCE)
