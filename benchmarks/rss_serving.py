@@ -4,7 +4,8 @@
 
 Each configuration runs in its own fresh process (VmHWM: the high-water mark of that process alone):
 - `engine`: `Engine` on the default model with one simulated NPU (the int4 onnxruntime-genai export on the
-  CPU provider), loads, answers one chat request; tokenizer as served (backends/hf_tokenizer.py).
+  CPU provider), loads, answers one chat request; tokenizer as served (backends/hf_tokenizer.py); malloc
+  arenas capped as the CLI caps them (plugin/serve/malloc_arenas.py).
 - `engine-transformers`: the same, with the prompt encoder forced onto transformers' AutoTokenizer (the
   serving path before issue 17's tokenizer change): the cost of importing transformers, hence torch.
 - `backend` / `backend-transformers`: the same two tokenizers with the backend alone (OrtGenaiBackend on the
@@ -91,6 +92,11 @@ def worker(config: str, new_tokens: int, threads: int, folder: str) -> None:
     """Child process: one configuration, one reply, then its peak RSS and which heavy modules it imported."""
     if config.endswith("-transformers"):
         _force_transformers_tokenizer()
+    capped = False
+    if config.startswith("engine"):  # as `accelserve serve` / `chat` start (plugin/serve/malloc_arenas.py)
+        from plugin.serve.malloc_arenas import cap_malloc_arenas
+
+        capped = cap_malloc_arenas()
     if config == "llamacpp":
         info = _llamacpp(new_tokens, threads)
     elif config.startswith("backend"):
@@ -102,6 +108,7 @@ def worker(config: str, new_tokens: int, threads: int, folder: str) -> None:
         peak_rss_mb=round(peak_rss_mb(), 1),
         torch_imported="torch" in sys.modules,
         transformers_imported="transformers" in sys.modules,
+        malloc_arenas_capped=capped,
     )
     print("RESULT " + json.dumps(info), flush=True)
 

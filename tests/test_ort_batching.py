@@ -334,3 +334,18 @@ def test_choose_respects_each_rows_settings() -> None:
     assert batching.choose(np.full(8, np.nan, dtype=np.float32), work()) is None
     a, b = work(temperature=1.0, seed=4), work(temperature=1.0, seed=4)
     assert [batching.choose(logits, a) for _ in range(20)] == [batching.choose(logits, b) for _ in range(20)]
+
+
+def test_the_kv_layout_comes_from_the_graph_inputs(exports) -> None:
+    folder = exports("llama")
+    plan, why = batching.batch_plan(folder)
+    assert plan is not None and plan.kv_dtype is None, why  # config and ops only: no weights, no onnx
+    spec, _ = batching.batchable_graph(folder)  # the same inputs read with onnx
+    assert spec is not None and spec.kv_dtype is np.float32 and spec.kv_heads == 2 and spec.head_size == 16
+    inputs = [batching.GraphInput(n, np.float32, (1, 2, "len", 16)) for pair in plan.past for n in pair]
+    inputs += [batching.GraphInput(name, None, (1, "s")) for name in (plan.input_ids, plan.attention_mask)]
+    assert batching.graph_spec(plan, inputs) == (spec, "")
+    done, why = batching.graph_spec(plan, [*inputs, batching.GraphInput("position_ids", None, (1, "s"))])
+    assert done is None and "position_ids" in why
+    inputs[0] = batching.GraphInput(inputs[0].name, None, (1, 2, "len", 16))  # a bf16 / int8 cache: not bound here
+    assert batching.graph_spec(plan, inputs)[1] == "an unexpected KV cache layout or type"

@@ -47,7 +47,7 @@ import logging
 import queue
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +107,18 @@ class GraphSpec:
     kv_dtype: Any  # numpy dtype of the cache
 
 
-def batchable_graph(model_dir: Path) -> tuple[GraphSpec | None, str]:
-    """The graph spec when this export can be batched here, else (None, why not)."""
+@dataclass(frozen=True)
+class GraphInput:
+    """One graph input as a runtime reports it: name, numpy element type (None: other) and dims."""
+
+    name: str
+    dtype: Any
+    dims: tuple[int | str | None, ...]
+
+
+def batch_plan(model_dir: Path) -> tuple[GraphSpec | None, str]:
+    """What genai_config.json and the graph's ops say: a spec whose KV dtype is still unknown (None), or
+    (None, why not). Reads no weights and does not import onnx: `graph_spec` completes it from the inputs."""
     try:
         config = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -132,25 +142,54 @@ def batchable_graph(model_dir: Path) -> tuple[GraphSpec | None, str]:
     model_file = model_dir / str(decoder.get("filename") or "model.onnx")
     if not layers or not model_file.is_file():
         return None, "no single decoder graph"
+    # An op type is a plain string in the protobuf; the weights live in the .data file, so this reads ~0.3 MB.
+    if b"GroupQueryAttention" not in model_file.read_bytes():
+        return None, "the graph has no GroupQueryAttention (per-row lengths need it)"
+    kv_heads = int(decoder.get("num_key_value_heads") or 0)
+    head_size = int(decoder.get("head_size") or 0)
+    return GraphSpec(model_file, names[0], names[1], names[2], past, present, kv_heads, head_size, None), ""
+
+
+def graph_spec(plan: GraphSpec, graph_inputs: list[GraphInput]) -> tuple[GraphSpec | None, str]:
+    """`plan` completed from the graph's inputs (KV dtype, sizes), or (None, why they do not fit a decode step)."""
+    by_name = {i.name: i for i in graph_inputs}
+    expected = {plan.input_ids, plan.attention_mask, *(n for pair in plan.past for n in pair)}
+    if set(by_name) != expected:
+        extra = sorted(set(by_name) - expected)
+        return None, f"the graph's inputs are not the ones a decode step binds (extra: {extra})"
+    first = by_name[plan.past[0][0]]
+    if first.dtype is None or len(first.dims) != 4:
+        return None, "an unexpected KV cache layout or type"
+    kv_heads = plan.kv_heads or int(first.dims[1])  # type: ignore[arg-type]
+    head_size = plan.head_size or int(first.dims[3])  # type: ignore[arg-type]
+    return replace(plan, kv_heads=kv_heads, head_size=head_size, kv_dtype=first.dtype), ""
+
+
+def session_inputs(session: Any) -> list[GraphInput]:
+    """An onnxruntime session's inputs as GraphInputs."""
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    return [GraphInput(i.name, types.get(i.type), tuple(i.shape)) for i in session.get_inputs()]
+
+
+def batchable_graph(model_dir: Path) -> tuple[GraphSpec | None, str]:
+    """The graph spec when this export can be batched here, else (None, why not); reads the graph with onnx
+    (the backend reads the same inputs from its session instead, `session_inputs`)."""
+    plan, why = batch_plan(model_dir)
+    if plan is None:
+        return None, why
     import onnx
 
-    graph = onnx.load(str(model_file), load_external_data=False).graph
-    if not any(n.op_type == "GroupQueryAttention" for n in graph.node):
-        return None, "the graph has no GroupQueryAttention (per-row lengths need it)"
-    graph_inputs = {i.name: i for i in graph.input}
-    expected = {names[0], names[1], *(n for pair in past for n in pair)}
-    if set(graph_inputs) != expected:
-        extra = sorted(set(graph_inputs) - expected)
-        return None, f"the graph's inputs are not the ones a decode step binds (extra: {extra})"
-    first = graph_inputs[past[0][0]].type.tensor_type
-    dims = [d.dim_value for d in first.shape.dim]
-    elem = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}.get(first.elem_type)
-    if elem is None or len(dims) != 4:
-        return None, "an unexpected KV cache layout or type"
-    kv_heads = int(decoder.get("num_key_value_heads") or dims[1])
-    head_size = int(decoder.get("head_size") or dims[3])
-    spec = GraphSpec(model_file, names[0], names[1], names[2], past, present, kv_heads, head_size, elem)
-    return spec, ""
+    graph = onnx.load(str(plan.model_file), load_external_data=False).graph
+    types = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+    inputs = [
+        GraphInput(
+            i.name,
+            types.get(i.type.tensor_type.elem_type),
+            tuple(d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim),
+        )
+        for i in graph.input
+    ]
+    return graph_spec(plan, inputs)
 
 
 # ---- per-request state ------------------------------------------------------------------------------------

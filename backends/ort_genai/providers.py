@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,25 +250,14 @@ class LoadResult:
     attempts: list[tuple[str, str]]  # (ort provider name, why it was skipped or failed), in order tried
 
 
-def load_with_fallback(
-    model_dir: Path,
-    candidates: Sequence[ProviderSpec],
-    *,
-    explicit: bool,
-    num_threads: int | None = None,
-    load: Callable[[Any], Any] | None = None,
-) -> LoadResult:
-    """Load `model_dir` with the first provider in `candidates` that works.
+def viable_candidates(
+    model_dir: Path, candidates: Sequence[ProviderSpec], *, explicit: bool, attempts: list[tuple[str, str]]
+) -> Iterator[ProviderSpec]:
+    """The candidates worth a load attempt, in order; each one skipped is recorded in `attempts` with why.
 
     Default preference lists skip providers this machine lacks and providers the export's manifest says
     it cannot run on; an explicit list is tried as given (the caller asked for it, and a load attempt
-    gives the most precise error).
-    """
-    if load is None:
-        import onnxruntime_genai as og
-
-        load = og.Model
-    attempts: list[tuple[str, str]] = []
+    gives the most precise error)."""
     support = export_support(model_dir)
     for spec in candidates:
         if not explicit:
@@ -281,6 +270,24 @@ def load_with_fallback(
                 attempts.append((spec.ort_name, f"skipped: {reason}"))
                 log.debug("skip %s: %s", spec.ort_name, reason)
                 continue
+        yield spec
+
+
+def load_with_fallback(
+    model_dir: Path,
+    candidates: Sequence[ProviderSpec],
+    *,
+    explicit: bool,
+    num_threads: int | None = None,
+    load: Callable[[Any], Any] | None = None,
+) -> LoadResult:
+    """Load `model_dir` with the first provider in `candidates` that works (see `viable_candidates`)."""
+    if load is None:
+        import onnxruntime_genai as og
+
+        load = og.Model
+    attempts: list[tuple[str, str]] = []
+    for spec in viable_candidates(model_dir, candidates, explicit=explicit, attempts=attempts):
         try:
             model = load(build_config(model_dir, spec, num_threads))
         except Exception as exc:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from plugin.convert.errors import ExportError
+from plugin.convert.library_facts import TASK, library_facts
 
 log = logging.getLogger(__name__)
 
-TASK = "text-generation-with-past"
 MEASURED_FILE: Path | None = Path(__file__).with_name("architectures_measured.json")
 # The libraries whose behaviour the measured record describes; another version of any makes it stale.
 MEASURED_VERSIONS = ("optimum", "optimum-onnx", "onnxruntime", "onnxruntime-genai", "transformers")
@@ -54,19 +54,9 @@ class ArchitectureSupport:
         return asdict(self)
 
 
-@lru_cache(maxsize=1)
 def optimum_model_types() -> tuple[str, ...]:
     """model_types Optimum's ONNX exporter exports for text-generation-with-past (its TasksManager)."""
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
-    from optimum.exporters.tasks import TasksManager
-
-    return tuple(
-        sorted(
-            model_type
-            for model_type, exporters in TasksManager._SUPPORTED_MODEL_TYPE.items()
-            if TASK in exporters.get("onnx", {})
-        )
-    )
+    return library_facts().optimum_types
 
 
 def optimum_unsupported_reason(model_type: str) -> str | None:
@@ -107,9 +97,7 @@ def builder_classes() -> frozenset[str]:
 
 def causal_lm_class(model_type: str) -> str | None:
     """transformers' class for `model_type` as Optimum loads it for text generation (None: none in transformers)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    return library_facts().causal_lm_classes.get(model_type)
 
 
 def _version(dist: str) -> str:
@@ -147,24 +135,15 @@ def config_refusal(model_type: str) -> str | None:
             "remote code (trust_remote_code) builds it, and export runs library code only; torch parity "
             "cannot be checked without it"
         )
-    sub_configs = _sub_configs(model_type)
-    if "vision_config" in sub_configs:
-        text = getattr(sub_configs.get("text_config"), "model_type", None)
+    image_text = library_facts().image_text
+    if model_type in image_text:
+        text = image_text[model_type]
         return (
             f"{model_type!r} is an image-text model (its config has a vision_config); accelserve serves text "
             "decoders and reads their sizes from the top-level config"
             + (f". Export its text model as a {text!r} checkpoint instead" if text else "")
         )
     return None
-
-
-def _sub_configs(model_type: str) -> dict[str, Any]:
-    from transformers import AutoConfig
-
-    try:
-        return dict(getattr(type(AutoConfig.for_model(model_type)), "sub_configs", None) or {})
-    except (KeyError, ValueError):
-        return {}
 
 
 def _npu_reason(model_type: str, hf_config: dict[str, Any] | None) -> str | None:

@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from plugin.convert.errors import ExportError
 from plugin.convert.fused_memory import DEFAULT_MEMORY_PRESET, apply_memory_layout, check_memory_preset
 from plugin.convert.onnx_files import DATA_FILE, MODEL_FILE
@@ -172,6 +170,8 @@ def run_builder(source: Path, output: Path, precision: str, options: dict[str, s
 
 def fused_op_counts(model_path: Path) -> dict[str, int]:
     """How many of each fused contrib op the graph holds (read without weights)."""
+    import onnx  # here, not at the top: a process serving a cached export never loads onnx
+
     model = onnx.load(str(model_path), load_external_data=False)
     counts = Counter(n.op_type for n in model.graph.node)
     return {op: counts[op] for op in FUSED_OPS if counts[op]}

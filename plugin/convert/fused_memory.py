@@ -32,10 +32,10 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import onnx
-from onnx import numpy_helper
+if TYPE_CHECKING:  # imported where used: a process serving a cached export never loads onnx (~12 MB resident)
+    import onnx
 
 from plugin.convert.errors import ExportError
 from plugin.convert.onnx_files import DATA_FILE, MODEL_FILE
@@ -80,6 +80,8 @@ def check_memory_preset(preset: str) -> tuple[str, ...]:
 
 def apply_memory_layout(folder: Path, preset: str = DEFAULT_MEMORY_PRESET) -> MemoryLayout:
     """Rewrite `folder`'s model.onnx (and append to its data file); see the module docstring."""
+    import onnx
+
     fp32_parts = check_memory_preset(preset)
     model_path = folder / MODEL_FILE
     model = onnx.load(str(model_path), load_external_data=False)
@@ -138,6 +140,8 @@ def untie_quantized_embedding(model: onnx.ModelProto, data_path: Path) -> bool:
 
 def set_fp32_compute(model: onnx.ModelProto, name_parts: tuple[str, ...]) -> int:
     """Set accuracy_level 0 on the 4-bit MatMulNBits whose names contain one of `name_parts`; return the count."""
+    import onnx
+
     changed = 0
     for node in model.graph.node:
         if node.op_type != "MatMulNBits" or not any(part in node.name for part in name_parts):
@@ -160,6 +164,8 @@ def list_lm_head_first(model: onnx.ModelProto) -> bool:
     original and packed copies are resident together before the other layers are packed, not after.
     Returns False when there is no such node or it is already first.
     """
+    import onnx
+
     graph = model.graph
     inits = {t.name for t in graph.initializer}
     heads = [
@@ -177,6 +183,9 @@ def list_lm_head_first(model: onnx.ModelProto) -> bool:
 
 
 def _external_bytes(tensor: onnx.TensorProto, data: BinaryIO) -> bytes:
+    import onnx
+    from onnx import numpy_helper
+
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(tensor).tobytes()
     info = {e.key: e.value for e in tensor.external_data}
@@ -190,6 +199,8 @@ def _external_bytes(tensor: onnx.TensorProto, data: BinaryIO) -> bytes:
 
 
 def _external_tensor(name: str, data_type: int, dims: list[int], offset: int, length: int) -> onnx.TensorProto:
+    import onnx
+
     # built by hand: onnx's set_external_data wants the bytes in raw_data first, and these are already on disk
     tensor = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
     tensor.data_location = onnx.TensorProto.EXTERNAL
@@ -201,6 +212,8 @@ def _external_tensor(name: str, data_type: int, dims: list[int], offset: int, le
 def _constant_ints(
     name: str, inits: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]
 ) -> list[int] | None:
+    from onnx import numpy_helper
+
     if name in inits:
         return numpy_helper.to_array(inits[name]).tolist()
     node = producers.get(name)

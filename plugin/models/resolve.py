@@ -7,11 +7,13 @@ is ever downloaded: this must work offline, and a missing model is an error that
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -157,9 +159,9 @@ def _has_chat_template(folder: Path) -> bool:
     return tc.is_file() and bool(json.loads(tc.read_text()).get("chat_template"))
 
 
-def _inspect_folder(folder: Path, ref: str, source: str, name: str) -> ResolvedModel:
-    config = _load_config(folder, ref)
-    files = _weight_files(folder)
+def _inspect_folder(folder: Path, ref: str, source: str, name: str, home: Path) -> ResolvedModel:
+    files = _weight_files(folder) if (folder / "config.json").is_file() else []
+    config = None if files else _load_config(folder, ref)  # a folder without config.json: its message
     missing = [f.name for f in files if not f.is_file()]
     if not files or missing:
         what = f"missing weight files {missing}" if missing else "no weights (*.safetensors or pytorch_model*.bin)"
@@ -172,12 +174,63 @@ def _inspect_folder(folder: Path, ref: str, source: str, name: str) -> ResolvedM
             f"{ref!r}: folder {folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the "
             "tokenizer into it with `tokenizer.save_pretrained(folder)`."
         )
-    try:
-        n_params = count_parameters(folder, config)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelSourceError(f"{ref!r}: cannot read the weights in {folder} ({e}); the files look corrupt.") from e
-    profile = profile_from_config(config, name, num_parameters=n_params, has_chat_template=_has_chat_template(folder))
+    chat = _has_chat_template(folder)
+    memo = profile_memo_path(folder, files, home)
+    profile = _read_profile_memo(memo)
+    if profile is None:
+        config = config or _load_config(folder, ref)
+        try:
+            n_params = count_parameters(folder, config)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelSourceError(
+                f"{ref!r}: cannot read the weights in {folder} ({e}); the files look corrupt."
+            ) from e
+        profile = profile_from_config(config, name, num_parameters=n_params)
+        _write_profile_memo(memo, profile)
+    profile = replace(profile, name=name, has_chat_template=chat)
     return ResolvedModel(ref=ref, path=folder, profile=profile, source=source)
+
+
+# ---------------------------------------------------------------- profile memo
+# Reading a config through transformers imports torch (~375 MB resident), which a process serving a cached
+# ONNX export never needs otherwise. A folder whose config.json, weight files and transformers version are
+# unchanged gets the profile it got last time, from `<home>/memo/profiles/`.
+
+PROFILE_MEMO_FORMAT = 1
+
+
+def profile_memo_path(folder: Path, weight_files: list[Path], home: Path) -> Path:
+    try:
+        transformers_version = version("transformers")
+    except PackageNotFoundError:
+        transformers_version = "missing"
+    h = hashlib.sha256()
+    h.update(json.dumps([PROFILE_MEMO_FORMAT, transformers_version]).encode())
+    h.update((folder / "config.json").read_bytes())
+    for f in weight_files:
+        st = f.stat()
+        h.update(json.dumps([f.name, st.st_size, st.st_mtime_ns]).encode())
+    return home / "memo" / "profiles" / f"{h.hexdigest()[:24]}.json"
+
+
+def _read_profile_memo(path: Path) -> ModelProfile | None:
+    try:
+        return ModelProfile(**json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as e:
+        log.warning("ignoring the unreadable profile memo %s (%s); reading the checkpoint again", path, e)
+        return None
+
+
+def _write_profile_memo(path: Path, profile: ModelProfile) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(profile.to_dict()), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not memoise the model profile at %s (%s); it is read again next time", path, e)
 
 
 # ---------------------------------------------------------------- GGUF files
@@ -222,7 +275,7 @@ def _convert_cached(gguf: Path, target: Path, extra: dict) -> Path:
 def _resolve_gguf(gguf: Path, ref: str, home: Path) -> ResolvedModel:
     target = gguf_cache_folder(gguf, home)
     folder = _convert_cached(gguf, target, {})
-    return _inspect_folder(folder, ref, "gguf", gguf.stem)
+    return _inspect_folder(folder, ref, "gguf", gguf.stem, home)
 
 
 def _resolve_default(home: Path) -> ResolvedModel:
@@ -233,7 +286,7 @@ def _resolve_default(home: Path) -> ResolvedModel:
         log.warning("no install metadata for %s; recording its version as unknown", DEFAULT_DIST)
         pkg_version = "unknown"
     folder = _convert_cached(gguf, home / "models" / DEFAULT_FOLDER, {"package": f"{DEFAULT_DIST}=={pkg_version}"})
-    return _inspect_folder(folder, DEFAULT_REF, "default", DEFAULT_MODEL_NAME)
+    return _inspect_folder(folder, DEFAULT_REF, "default", DEFAULT_MODEL_NAME, home)
 
 
 # ---------------------------------------------------------------- hub cache
@@ -251,7 +304,7 @@ def _looks_like_path(s: str) -> bool:
     return False
 
 
-def _resolve_hub(repo_id: str) -> ResolvedModel:
+def _resolve_hub(repo_id: str, home: Path) -> ResolvedModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -263,7 +316,7 @@ def _resolve_hub(repo_id: str) -> ResolvedModel:
             f"downloaded here. On a machine with internet run `huggingface-cli download {repo_id}` and copy the "
             "cache (HF_HOME) over, or pass a local checkpoint folder, a .gguf file, or 'default'."
         ) from e
-    return _inspect_folder(folder, repo_id, "hub-cache", repo_id)
+    return _inspect_folder(folder, repo_id, "hub-cache", repo_id, home)
 
 
 # ---------------------------------------------------------------- entry point
@@ -279,7 +332,7 @@ def resolve_model(ref: str | Path, *, home: Path | None = None) -> ResolvedModel
         return _resolve_default(home)
     path = Path(text).expanduser()
     if path.is_dir():
-        return _inspect_folder(path.resolve(), text, "folder", path.resolve().name)
+        return _inspect_folder(path.resolve(), text, "folder", path.resolve().name, home)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelSourceError(
@@ -291,4 +344,4 @@ def resolve_model(ref: str | Path, *, home: Path | None = None) -> ResolvedModel
             f"{text!r} does not exist. Check the path, or pass 'default', an HF checkpoint folder, "
             "a .gguf file, or a hub id that is in the local cache."
         )
-    return _resolve_hub(text)
+    return _resolve_hub(text, home)

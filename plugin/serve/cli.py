@@ -16,6 +16,7 @@ from rich.logging import RichHandler
 from plugin.engine.explain import placement_text
 from plugin.engine.scheduler import POLICIES
 from plugin.serve.limits import ServerLimits
+from plugin.serve.malloc_arenas import cap_malloc_arenas
 
 console = Console()
 err_console = Console(stderr=True)
@@ -333,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock", "torch", "transformers", "optimum"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    cap_malloc_arenas()
     try:
         return args.func(args)
     except KeyboardInterrupt:
