@@ -357,7 +357,10 @@ def test_kv_budget_makes_requests_wait_instead_of_overcommitting(tiny_model_fact
         big = {"max_new_tokens": one_seq // 2 + 10 - prompt_len}
         alone = [engine.complete(p, **big).text for p in PROMPTS[:2]]
         runner = backend._runner
-        for params, peak in ((big, 1), ({"max_new_tokens": 10}, 2)):  # two big ones do not fit together
+        # Two big ones do not fit together; two that fit run side by side. The small ones are long enough (a
+        # quarter of the budget each) that the second is admitted while the first still runs on a busy machine.
+        small = {"max_new_tokens": one_seq // 4}
+        for params, peak in ((big, 1), (small, 2)):
             runner.peak_batch = 0
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 replies = list(pool.map(lambda p, kw=params: engine.complete(p, **kw), PROMPTS[:2]))
