@@ -751,14 +751,15 @@ def print_table(result: dict[str, Any], console: Any) -> None:
         console.print(t)
 
 
-def make_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
+def make_plots(result: dict[str, Any], out: Path) -> list[Path]:
+    """Plots beside the JSON, named after it (backends.json -> backends_decode.png, ...)."""
     rows = [r for r in result["rows"] if "bare" in r]
     labels = [f"{r['engine']}\n{r['precision']}" for r in rows]
     empty = Stats(float("nan"), float("nan"), float("nan"), 0)
     note = f"{result['model']['name']}, {result['machine']['cpu_model']}, {result['machine']['logical_cores']} cores"
     paths = [
         plot_bars(
-            out_dir / "backends_decode.png",
+            out.with_name(f"{out.stem}_decode.png"),
             "Decode tokens/s at batch 1 (median, min-max)",
             labels,
             {
@@ -769,7 +770,7 @@ def make_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
             note,
         ),
         plot_bars(
-            out_dir / "backends_ttft.png",
+            out.with_name(f"{out.stem}_ttft.png"),
             "Time to first token at batch 1 (median, min-max)",
             labels,
             {
@@ -785,7 +786,7 @@ def make_plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
     if conc and len(streams) > 1:
         paths.append(
             plot_lines(
-                out_dir / "backends_concurrency.png",
+                out.with_name(f"{out.stem}_concurrency.png"),
                 "Aggregate tokens/s vs concurrent streams (our backends)",
                 streams,
                 {f"{r['engine']} {r['precision']}": [_agg(r, s) for s in streams] for r in conc},
@@ -868,9 +869,9 @@ def main(argv: list[str] | None = None) -> int:
     out = write_json(args.out, result)
     console.print(f"wrote {out}")
     if not args.no_plots:
-        for path in make_plots(result, out.parent):
+        for path in make_plots(result, out):
             console.print(f"wrote {path}")
-    if out.parent.resolve() == RESULTS_DIR.resolve():  # the committed results: keep RESULTS.md in step
+    if out.resolve() == (RESULTS_DIR / "backends.json").resolve():  # the full run: keep RESULTS.md in step
         from benchmarks.report import write_results_md
 
         console.print(f"wrote {write_results_md()}")
