@@ -41,21 +41,19 @@ numbers: benchmarks/bench_ort_batching.py.
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import queue
-import threading
-import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from backends.base import FinishReason, SamplingParams, TokenChunk, TokenLogprob
+from backends.base import SamplingParams, TokenLogprob
 from backends.detok import StreamDecoder
 from backends.ort_genai.resident import release_weight_pages
+from backends.runner import BatchRunnerBase
 from backends.stream import TokenStream, token_logprob
 
 log = logging.getLogger(__name__)
@@ -78,16 +76,6 @@ NON_FINITE = (
     "the model produced non-finite logits (NaN or inf) for this request, so no token could be chosen; "
     "this request was dropped and the backend carries on"
 )
-
-_LIVE: weakref.WeakSet[OrtBatchRunner] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_live_runners() -> None:
-    """Join scheduler threads before the interpreter tears onnxruntime down under them."""
-    for runner in list(_LIVE):
-        runner.stop("the process is exiting")
-
 
 # ---- which graphs this runs ------------------------------------------------------------------------------
 
@@ -333,68 +321,20 @@ class KVStore:
 # ---- the scheduler thread ---------------------------------------------------------------------------------
 
 
-class OrtBatchRunner:
+class OrtBatchRunner(BatchRunnerBase):
     """Owns one onnxruntime session on the fused graph; runs every admitted request in shared decode steps."""
 
+    thread_name = "ort-batch-scheduler"
+    runtime = "the onnxruntime-genai backend"
+
     def __init__(self, session: Any, spec: GraphSpec, *, max_batch_size: int) -> None:
+        super().__init__(max_batch_size=max_batch_size)
         self.session = session
         self.spec = spec
         # the session is open: the weight-file pages it keeps mapped but no longer reads go back (resident.py)
         self.released = release_weight_pages(sorted(spec.model_file.parent.glob("*.data")))
-        self.max_batch_size = max_batch_size  # what the engine admits at most; reported, not enforced here
         self.kv = KVStore(spec)
-        self._incoming: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._known: dict[str, Work] = {}
-        self._cancel: set[str] = set()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self.rows: list[Work] = []
-        self.last_error = ""
-        self.steps = 0
-        self.peak_batch = 0
-
-    # ---- any thread ---------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="ort-batch-scheduler", daemon=True)
-        self._thread.start()
-        _LIVE.add(self)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def submit(self, work: Work) -> None:
-        with self._lock:
-            if self._stopping:
-                raise RuntimeError("the onnxruntime-genai backend is unloading; load it again before generating")
-            if work.request_id in self._known:
-                raise ValueError(f"request_id {work.request_id!r} is already generating; use a unique id")
-            self._known[work.request_id] = work
-        self._incoming.put(work)
-
-    def cancel(self, request_id: str) -> bool:
-        with self._lock:
-            work = self._known.get(request_id)
-            if work is None:
-                return False
-            work.cancelled = True
-            self._cancel.add(request_id)
-        return True
-
-    def active_count(self) -> int:
-        with self._lock:
-            return len(self._known)
-
-    def stop(self, reason: str) -> None:
-        """Stop the thread and end every open stream with an error chunk naming `reason`."""
-        with self._lock:
-            self._stopping = True
-        self._incoming.put(None)
-        if self._thread is not None and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=60)
-        self._end_all(reason)
-        _LIVE.discard(self)
 
     # ---- scheduler thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -410,17 +350,9 @@ class OrtBatchRunner:
                     self._step()
         except Exception as e:  # a bug in the loop: end every stream with the reason rather than hang them
             log.exception("onnxruntime batch scheduler crashed")
-            self.last_error = f"scheduler crashed: {e}"
-            with self._lock:
-                self._stopping = True
-            self._end_all(self.last_error)
+            self._crashed(f"scheduler crashed: {e}")
 
-    def _end_all(self, reason: str) -> None:
-        with self._lock:
-            leftover = list(self._known.values())
-        for w in leftover:
-            self._end(w, "error", reason)
-        self.rows = []
+    def _release(self) -> None:
         self.kv.release()
 
     def _admit(self) -> None:
@@ -438,21 +370,6 @@ class OrtBatchRunner:
                 self._end(w, "cancelled")
                 continue
             self._prefill(w)
-
-    def _take_cancel(self, request_id: str) -> bool:
-        with self._lock:
-            if request_id in self._cancel:
-                self._cancel.discard(request_id)
-                return True
-        return False
-
-    def _drop_cancelled(self) -> None:
-        if not self._cancel:
-            return
-        gone = [i for i, w in enumerate(self.rows) if self._take_cancel(w.request_id)]
-        for i in gone:
-            self._end(self.rows[i], "cancelled")
-        self._remove_rows(gone)
 
     def _bind(self, kv: list[Any]) -> Any:
         binding = self.session.io_binding()
@@ -557,21 +474,3 @@ class OrtBatchRunner:
                 self.kv.move(last, i, self.rows[last].length)
                 self.rows[i] = self.rows[last]
             self.rows.pop()
-
-    def _fail(self, w: Work, msg: str) -> None:
-        self.last_error = msg
-        self._end(w, "error", msg)
-
-    def _end(self, w: Work, reason: FinishReason, error: str | None = None) -> None:
-        """Finish a request for a reason other than its own tokens: cancelled, or an error."""
-        if not w.done:
-            self._finish(w, w.stream.end(reason, error))
-
-    def _finish(self, w: Work, last: TokenChunk) -> None:
-        if w.done:
-            return
-        w.done = True
-        w.out.put(last)
-        with self._lock:
-            self._known.pop(w.request_id, None)
-            self._cancel.discard(w.request_id)

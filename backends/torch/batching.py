@@ -41,20 +41,18 @@ CUDA and it fails on the CPU, so this loop is used on both devices; it is the on
 
 from __future__ import annotations
 
-import atexit
 import collections
 import logging
 import queue
-import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from backends.base import FinishReason, SamplingParams, TokenChunk, TokenLogprob
+from backends.base import SamplingParams, TokenLogprob
 from backends.detok import StreamDecoder
+from backends.runner import BatchRunnerBase
 from backends.stream import TokenStream, token_logprob
 from backends.torch import kvbatch as kv
 from backends.torch.errors import OOM_ERRORS, RestartRequired, describe, is_fatal, is_oom
@@ -63,16 +61,6 @@ from backends.torch.sampling import BatchSampler, SamplerRow, make_generator
 log = logging.getLogger(__name__)
 
 __all__ = ["OOM_ERRORS", "BatchRunner", "Work", "make_work"]
-
-_LIVE_RUNNERS: weakref.WeakSet[BatchRunner] = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_live_runners() -> None:
-    """Join scheduler threads before the interpreter tears torch down under them."""
-    for runner in list(_LIVE_RUNNERS):
-        runner.stop("the process is exiting")
-
 
 PREFILL_TOKENS = 2048
 """Padded prompt tokens prefilled together in one forward; what does not fit waits for the next decode step."""
@@ -95,6 +83,7 @@ class Work:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     generator: torch.Generator | None = None
     done: bool = False
+    cancelled: bool = False
 
     @property
     def generated(self) -> list[int]:
@@ -111,8 +100,11 @@ Decision = tuple[int | None, str | None]
 """Per row: (token, None), or (None, why this row failed)."""
 
 
-class BatchRunner:
+class BatchRunner(BatchRunnerBase):
     """The scheduler thread: admits requests, prefills them, and runs shared decode steps."""
+
+    thread_name = "torch-batch-scheduler"
+    runtime = "the torch backend"
 
     def __init__(
         self,
@@ -123,6 +115,7 @@ class BatchRunner:
         on_oom: Callable[[], None] | None = None,
         batched_prefill: bool | None = None,
     ) -> None:
+        super().__init__(max_batch_size=max_batch_size)
         self.model = model
         self.device = device
         # CUDA: waiting prompts share one forward and one group starts per decode step. The CPU gains nothing
@@ -130,18 +123,8 @@ class BatchRunner:
         # time to first token of 16 streams got worse), so there each prompt is prefilled alone, all of them
         # before the next step, as before.
         self.batched_prefill = device.type == "cuda" if batched_prefill is None else batched_prefill
-        self.max_batch_size = max_batch_size  # what the engine admits at most; reported, not enforced here
         self.on_oom = on_oom
-        self._incoming: queue.SimpleQueue[Work | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._known: dict[str, Work] = {}
-        self._cancel: set[str] = set()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.last_error = ""  # the latest request-level failure (the runner carried on)
         self.restart_required = ""  # set when an unrecoverable device error stopped the runner
-        self.peak_batch = 0
-        self.steps = 0
         # running batch
         self.rows: list[Work] = []
         self._waiting: collections.deque[Work] = collections.deque()  # submitted, not yet prefilled
@@ -149,47 +132,9 @@ class BatchRunner:
         self.sampler: BatchSampler | None = None
         self._fast_logits_kwargs = _supports_logits_to_keep(model)
 
-    # ---- public, any thread -------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="torch-batch-scheduler", daemon=True)
-        self._thread.start()
-        _LIVE_RUNNERS.add(self)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def submit(self, work: Work) -> None:
-        with self._lock:
-            if self.restart_required:
-                raise RestartRequired(self.restart_required)
-            if self._stopping:
-                raise RuntimeError("the torch backend is unloading; load it again before generating")
-            if work.request_id in self._known:
-                raise ValueError(f"request_id {work.request_id!r} is already running; give each request its own id")
-            self._known[work.request_id] = work
-        self._incoming.put(work)
-
-    def cancel(self, request_id: str) -> bool:
-        with self._lock:
-            if request_id not in self._known:
-                return False
-            self._cancel.add(request_id)
-        return True
-
-    def active_count(self) -> int:
-        with self._lock:
-            return len(self._known)
-
-    def stop(self, reason: str) -> None:
-        """Stop the thread and end every open stream with an error chunk naming `reason`."""
-        with self._lock:
-            self._stopping = True
-        self._incoming.put(None)
-        if self._thread is not None and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=60)
-        self._end_all(reason)
-        _LIVE_RUNNERS.discard(self)
+    def _check_accepting(self) -> None:
+        if self.restart_required:
+            raise RestartRequired(self.restart_required)
 
     # ---- scheduler thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -216,16 +161,10 @@ class BatchRunner:
             else:  # a bug in the loop: end every stream with the reason rather than hang them
                 log.exception("torch batch scheduler crashed")
                 self.last_error = f"scheduler crashed: {describe(e)}"
-            with self._lock:
-                self._stopping = True
-            self._end_all(self.last_error)
+            self._crashed(self.last_error)
 
-    def _end_all(self, reason: str) -> None:
-        with self._lock:
-            leftover = list(self._known.values())
-        for w in leftover:
-            self._end(w, "error", reason)
-        self.rows, self.batch, self.sampler = [], None, None
+    def _release(self) -> None:
+        self.batch, self.sampler = None, None
         self._waiting.clear()
 
     def _admit(self) -> None:
@@ -265,21 +204,6 @@ class BatchRunner:
             group.append(self._waiting.popleft())
             longest = wider
         return group
-
-    def _take_cancel(self, request_id: str) -> bool:
-        with self._lock:
-            if request_id in self._cancel:
-                self._cancel.discard(request_id)
-                return True
-        return False
-
-    def _drop_cancelled(self) -> None:
-        if not self._cancel:
-            return
-        gone = [i for i, w in enumerate(self.rows) if self._take_cancel(w.request_id)]
-        for i in gone:
-            self._end(self.rows[i], "cancelled")
-        self._remove_rows(gone)
 
     def _prefill_and_join(self, ws: list[Work]) -> None:
         """Prefill requests together (left-padded, one forward), stream their first tokens, and merge their
@@ -472,24 +396,6 @@ class BatchRunner:
             log.warning("request %s failed during %s", w.request_id, where, exc_info=e)
             msg = f"{where} failed: {describe(e)}"
         self._fail(w, msg)
-
-    def _fail(self, w: Work, msg: str) -> None:
-        self.last_error = msg
-        self._end(w, "error", msg)
-
-    def _end(self, w: Work, reason: FinishReason, error: str | None = None) -> None:
-        """Finish a request for a reason other than its own tokens: cancelled, or an error."""
-        if not w.done:
-            self._finish(w, w.stream.end(reason, error))
-
-    def _finish(self, w: Work, last: TokenChunk) -> None:
-        if w.done:
-            return
-        w.done = True
-        w.out.put(last)
-        with self._lock:
-            self._known.pop(w.request_id, None)
-            self._cancel.discard(w.request_id)
 
     def _remove_rows(self, indices: list[int]) -> None:
         """Drop finished rows from the batch, all or nothing; if building the smaller batch runs out of memory,
