@@ -5,6 +5,7 @@ model's profile (plugin/models/resolve.py) and the libraries' architecture facts
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -103,3 +104,17 @@ def test_a_warm_serving_process_never_imports_torch(tiny_llama, accelserve_home)
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"backend": "onnxruntime-genai", "heavy": []}, out.stderr[-2000:]
+
+
+def test_serving_commands_cap_malloc_arenas_and_a_users_setting_wins(monkeypatch):
+    from plugin.serve import cli
+    from plugin.serve.malloc_arenas import cap_malloc_arenas
+
+    calls = []
+    monkeypatch.setattr(cli, "cap_malloc_arenas", lambda: calls.append(True) or True)
+    assert cli.main(["devices", "--json"]) == 0
+    assert calls == []  # only serve, chat and generate cap them
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert cap_malloc_arenas() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert cap_malloc_arenas() is (sys.platform.startswith("linux") and "glibc" in " ".join(platform.libc_ver()))

@@ -334,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("httpx", "urllib3", "filelock", "torch", "transformers", "optimum"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    cap_malloc_arenas()
+    if args.func in (cmd_serve, cmd_chat, cmd_generate):  # serving processes; training and export keep glibc's
+        cap_malloc_arenas()
     try:
         return args.func(args)
     except KeyboardInterrupt:

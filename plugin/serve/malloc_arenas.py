@@ -4,7 +4,8 @@ glibc gives each thread that allocates concurrently its own arena (up to 8 per c
 keeps freed memory for reuse. A serving process runs the engine loop, a runner, tokenizer and HTTP
 threads: on the default int4 model that is ~33 MiB more peak RSS than the same work with two arenas
 (`benchmarks/rss_serving.py`, docs/fused-export.md). onnxruntime allocates tensors from its own arena,
-so the cap costs no measurable speed. The CLI calls this before starting anything; a user's
+so the cap costs no measurable speed. `serve`, `chat` and `generate` call this before starting anything
+(training and export keep glibc's default, where torch threads allocate in parallel); a user's
 MALLOC_ARENA_MAX always wins, and a libc without mallopt (musl, macOS) is left alone.
 """
 
