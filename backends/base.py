@@ -95,6 +95,13 @@ class SamplingParams:
         """How many tokens must be generated before EOS may be sampled (max_new_tokens with ignore_eos)."""
         return self.max_new_tokens if self.ignore_eos else self.min_tokens
 
+    def banned_ids(self, eos_ids: frozenset[int], generated: int) -> list[int]:
+        """Tokens a row may not sample after `generated` tokens: EOS under ignore_eos, EOS and stop ids before
+        min_tokens (vLLM's meaning; every batching runner asks this one rule)."""
+        early = generated < self.min_tokens
+        out = list(eos_ids) if self.ignore_eos or early else []
+        return out + list(self.stop_token_ids) if early else out
+
 
 @dataclass
 class GenerationRequest:

@@ -60,3 +60,17 @@ def test_ort_batched_rows_take_the_argmax_for_a_tiny_temperature():
     assert work.rng is None
     logits = np.array([0.1, 2.0, -1.0, 1.9, 0.0], dtype=np.float32)
     assert ort_batching.choose(logits, work) == 1
+
+
+@pytest.mark.parametrize(
+    ("params", "generated", "banned"),
+    [
+        (SamplingParams(), 0, []),
+        (SamplingParams(ignore_eos=True, max_new_tokens=8), 5, [2]),
+        (SamplingParams(min_tokens=3, stop_token_ids=[7]), 2, [2, 7]),
+        (SamplingParams(min_tokens=3, stop_token_ids=[7]), 3, []),
+    ],
+)
+def test_one_banned_token_rule_for_every_runner(params, generated, banned):
+    """EOS under ignore_eos; EOS and stop ids before min_tokens; nothing otherwise (both runners ask this)."""
+    assert params.banned_ids(frozenset({2}), generated) == banned

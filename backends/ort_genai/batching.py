@@ -69,9 +69,6 @@ STATIC_PIPELINE_REASON = (
 """Why an HTP (decoder-pipeline) package is not batched: its graphs are compiled for batch 1, and a static batch
 dimension would need a context binary per batch size (docs/fused-export.md, "Serving")."""
 
-SAMPLING_EPS = 1e-5
-"""Temperatures below this are greedy (as on the torch path: dividing by ~0 overflows)."""
-
 NON_FINITE = (
     "the model produced non-finite logits (NaN or inf) for this request, so no token could be chosen; "
     "this request was dropped and the backend carries on"
@@ -183,11 +180,6 @@ def batchable_graph(model_dir: Path) -> tuple[GraphSpec | None, str]:
 # ---- per-request state ------------------------------------------------------------------------------------
 
 
-def is_greedy(params: SamplingParams) -> bool:
-    """Greedy as asked, or a temperature so small that sampling would only overflow."""
-    return params.is_greedy or params.temperature < SAMPLING_EPS
-
-
 @dataclass
 class Work:
     """One request in flight: prompt, settings, token stream, output queue, and its row's state."""
@@ -206,10 +198,7 @@ class Work:
     cancelled: bool = False  # set by `cancel`: chunks already queued are not delivered any more
 
     def banned(self) -> list[int]:
-        """Tokens this row may not sample now: EOS under ignore_eos, EOS and stop ids before min_tokens."""
-        n, params = len(self.stream.generated), self.params
-        out = list(self.eos_ids) if params.ignore_eos or n < params.min_tokens else []
-        return out + list(params.stop_token_ids) if n < params.min_tokens else out
+        return self.params.banned_ids(self.eos_ids, len(self.stream.generated))
 
 
 def make_work(
@@ -217,7 +206,7 @@ def make_work(
 ) -> Work:
     """The per-request state: its TokenStream and, when sampling, its own generator (seeded when asked)."""
     stream = TokenStream(request_id, len(prompt_ids), params, eos_ids, decoder)
-    rng = None if is_greedy(params) else np.random.default_rng(params.seed)
+    rng = None if params.is_greedy else np.random.default_rng(params.seed)
     return Work(request_id, list(prompt_ids), params, stream, eos_ids, rng=rng)
 
 
@@ -227,7 +216,7 @@ def choose(logits: np.ndarray, w: Work) -> int | None:
     row = logits
     banned = [t for t in w.banned() if t < row.shape[-1]]
     penalty = params.repetition_penalty
-    if banned or penalty != 1.0 or not is_greedy(params):
+    if banned or penalty != 1.0 or not params.is_greedy:
         row = row.astype(np.float64)  # a copy: the raw logits stay intact for logprobs
     if penalty != 1.0:
         if w.seen is None:
@@ -240,7 +229,7 @@ def choose(logits: np.ndarray, w: Work) -> int | None:
     top = row.max()
     if not np.isfinite(top):
         return None
-    if is_greedy(params):
+    if params.is_greedy:
         return int(row.argmax())
     assert w.rng is not None
     row = row / params.temperature

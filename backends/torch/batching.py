@@ -90,10 +90,7 @@ class Work:
         return self.stream.generated
 
     def banned(self) -> list[int]:
-        """Tokens this row may not sample now: EOS under ignore_eos, EOS and stop ids before min_tokens."""
-        n, params = len(self.generated), self.params
-        out = list(self.eos_ids) if params.ignore_eos or n < params.min_tokens else []
-        return out + list(params.stop_token_ids) if n < params.min_tokens else out
+        return self.params.banned_ids(self.eos_ids, len(self.generated))
 
 
 Decision = tuple[int | None, str | None]
