@@ -283,6 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["steps"]["finetune"] = t
     results["finetune"] = {k: v for k, v in r.to_dict().items() if k != "losses"}
     paths = CPU_PATHS + (NPU_PATHS if args.npu else ())
+    out = workdir / "lifecycle.json"
     questions = [(f, q) for f in FACTS for q in f.held_out]
     for number, path in enumerate(paths, start=3):
         asked = questions if path.kind != "npu" else questions[:: max(1, len(questions) // args.npu_questions)]
@@ -306,9 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 console.print(f"{who:>5}: {sum(correct)}/{len(asked)} correct, e.g. {asked[0][1]!r} -> {answers[0]!r}")
         row["seconds"] = t["seconds"]
         results["paths"].append(row)
+        out.write_text(json.dumps(results, indent=2), encoding="utf-8")  # an interrupted run keeps what it measured
     console.print(score_table(results["paths"], len(questions)))
-    out = workdir / "lifecycle.json"
-    out.write_text(json.dumps(results, indent=2), encoding="utf-8")
     console.print(f"results -> {out}")
     if args.serve:
         from demos.chat import launch
