@@ -98,9 +98,8 @@ class SamplingParams:
     def banned_ids(self, eos_ids: frozenset[int], generated: int) -> list[int]:
         """Tokens a row may not sample after `generated` tokens: EOS under ignore_eos, EOS and stop ids before
         min_tokens (vLLM's meaning; every batching runner asks this one rule)."""
-        early = generated < self.min_tokens
-        out = list(eos_ids) if self.ignore_eos or early else []
-        return out + list(self.stop_token_ids) if early else out
+        out = list(eos_ids) if generated < self.suppressed_until() else []
+        return out + list(self.stop_token_ids) if generated < self.min_tokens else out
 
 
 @dataclass
