@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the rows kernel (backends/ort_genai/kernels) is built once per test session, not once per test's home
+os.environ.setdefault("ACCELSERVE_KERNELS_DIR", tempfile.mkdtemp(prefix="accelserve-kernels-"))
 
 from tiny_models import TINY_CONFIGS, build_tiny_model
 

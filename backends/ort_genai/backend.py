@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import queue
+import subprocess
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -42,6 +43,7 @@ from backends.ort_genai.batching import (
     make_work,
     session_inputs,
 )
+from backends.ort_genai.kernels import rows_graph, rows_kernel
 from backends.ort_genai.memory import BATCHED_KV_SLACK, ExportNeeds, export_needs
 from backends.ort_genai.providers import (
     LoadResult,
@@ -62,6 +64,8 @@ BACKEND_NAME = "onnxruntime-genai"
 BATCHED_MAX_BATCH_SIZE = 8
 """Requests the engine admits at once when decode steps are shared (one stream at a time otherwise gets 4)."""
 GENERATOR_MAX_BATCH_SIZE = 4
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+"""onnxruntime's session option: where a graph loaded from bytes finds its external data file."""
 
 
 def read_genai_config(model_dir: Path) -> dict[str, Any]:
@@ -180,6 +184,7 @@ class OrtGenaiBackend:
         self.num_threads = num_threads
         self.batching = batching
         self.batching_reason = ""  # why the loaded model is (not) batched
+        self.kernels = ""  # which kernels the batched session's 4-/8-bit MatMuls run on, and why
         self._runner: OrtBatchRunner | None = None
         self._batched: dict[str, Work] = {}  # batched requests whose caller has not read their last chunk
         self._explicit_providers = providers is not None
@@ -336,12 +341,13 @@ class OrtGenaiBackend:
             slack = BATCHED_KV_SLACK if runner is not None else 1.0
             self._kv_budget = int(self._reservation.kv / slack)
         log.info(
-            "loaded %s on %s (%s%s; %s)",
+            "loaded %s on %s (%s%s; %s%s)",
             self.model_dir,
             result.spec.ort_name,
             self.device,
             ", simulated" if self.simulated else "",
             self.batching_reason,
+            f"; {self.kernels}" if self.kernels else "",
         )
 
     def _open_batched(self) -> tuple[LoadResult | None, OrtBatchRunner | None, str]:
@@ -390,7 +396,33 @@ class OrtGenaiBackend:
         for key, value in session_threads(spec, self.num_threads).items():
             setattr(options, key, value)
         options.log_severity_level = 3
-        return ort.InferenceSession(str(graph.model_file), options, providers=["CPUExecutionProvider"])
+        retyped = self._rows_graph(graph.model_file)
+        if retyped is None:
+            return ort.InferenceSession(str(graph.model_file), options, providers=["CPUExecutionProvider"])
+        library, retyped_file = retyped
+        options.register_custom_ops_library(str(library))
+        # the retyped copy lives in the kernel cache; its weights stay in the export's own data file
+        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(graph.model_file.parent))
+        return ort.InferenceSession(retyped_file.read_bytes(), options, providers=["CPUExecutionProvider"])
+
+    def _rows_graph(self, model_file: Path) -> tuple[Path, Path] | None:
+        """(kernel library, retyped graph) when the rows kernel serves this export here, else None; the reason
+        either way goes to `self.kernels` (reported with the batching line)."""
+        kernel = rows_kernel()
+        if kernel.library is None:
+            self.kernels = kernel.reason
+            return None
+        try:
+            retyped, count = rows_graph(model_file)
+        except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+            log.warning("rows kernel not used for %s: %s", model_file, exc)
+            self.kernels = f"onnxruntime's MatMulNBits (retyping failed: {exc})"
+            return None
+        if retyped is None:
+            self.kernels = "onnxruntime's MatMulNBits (no int8-compute MatMulNBits for the rows kernel)"
+            return None
+        self.kernels = f"rows kernel (AVX-512 VNNI) for {count} int8-compute MatMulNBits"
+        return kernel.library, retyped
 
     @property
     def max_batch_size(self) -> int:
