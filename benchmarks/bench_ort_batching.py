@@ -14,11 +14,12 @@ every stream makes exactly --max-new-tokens tokens) run at once through:
 Aggregate tok/s = all tokens / wall time (prefill included). TPOT = a stream's (last - first token time) /
 (tokens - 1), p50/p95 over streams. Runs alternate strategies round-robin (the order rotates per repeat)
 with a short pause between runs; medians (min-max) are reported, and the ratio to "generators" of the same
-stream count. Correctness: each stream's tokens against that prompt alone on one generator (greedy); the
-first position where a stream leaves it is recorded. The default export runs every MatMulNBits at int8
-compute (accuracy level 4), the kernels that give a row the same numbers whatever else is in the batch; with
---lean, also a copy laid out as the lean memory preset (the MLP at fp32 compute, whose batched sums differ
-from one row's in the last bits), compared with itself alone. Writes benchmarks/results/ort_batching.json.
+stream count. Correctness: each stream's tokens against that prompt served alone by the same backend (greedy);
+the first position where a stream leaves it is recorded. The batched runner runs the export's int8-compute
+MatMulNBits on the rows kernel (backends/ort_genai/kernels) where it can; "batched, onnxruntime kernels" is
+the same runner on onnxruntime's own MatMulNBits, side by side (--no-compare-kernels skips it). With --lean,
+also a copy laid out as the lean memory preset (the MLP at fp32 compute, whose batched sums differ from one
+row's in the last bits). Writes benchmarks/results/ort_batching.json.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backends.base import GenerationRequest, SamplingParams  # noqa: E402
+from backends.ort_genai import kernels  # noqa: E402
 from backends.ort_genai.backend import OrtGenaiBackend  # noqa: E402
 from benchmarks.common import QUESTIONS, busy_note, machine_info, percentile, summarize, write_json  # noqa: E402
 
@@ -225,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lean", action="store_true", help="also a copy with the lean memory preset's fp32-compute MLP"
     )
+    parser.add_argument(
+        "--no-compare-kernels",
+        dest="compare_kernels",
+        action="store_false",
+        help="skip the batched runner on onnxruntime's MatMulNBits (measured beside the rows kernel by default)",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "ort_batching.json")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.max_new_tokens < 2 or min(args.streams) < 1:
@@ -244,13 +252,29 @@ def main(argv: list[str] | None = None) -> int:
     batched.load()
     prompt_ids = [generators.encode(chat(p, args.max_new_tokens)) for p in prompts]
     console.print(f"{folder.name}: prompts of {sorted(set(map(len, prompt_ids)))} tokens; {batched.batching_reason}")
-    alone = [through_backend(generators, [p], args.max_new_tokens)[1][0] for p in prompts]
+    console.print(f"batched kernels: {batched.kernels}")
+    # each strategy's streams are compared with the same strategy's backend serving that prompt alone
+    references: dict[str, list[list[int]]] = {
+        "generators": [through_backend(generators, [p], args.max_new_tokens)[1][0] for p in prompts],
+        "batched": [through_backend(batched, [p], args.max_new_tokens)[1][0] for p in prompts],
+    }
 
     strategies: dict[str, Callable[[int], Run]] = {
         "generators": lambda n: through_backend(generators, prompts[:n], args.max_new_tokens),
         "batched": lambda n: through_backend(batched, prompts[:n], args.max_new_tokens),
     }
-    notes: dict[str, str] = {"batched": batched.batching_reason}
+    notes: dict[str, str] = {"batched": f"{batched.batching_reason}; {batched.kernels}"}
+    if args.compare_kernels and batched.kernels.startswith("rows kernel"):
+        os.environ[kernels.SWITCH_ENV] = "0"  # the same batched runner on onnxruntime's MatMulNBits
+        kernels.rows_kernel.cache_clear()
+        plain = OrtGenaiBackend(folder, device="cpu", max_batch_size=max_streams)
+        plain.load()
+        del os.environ[kernels.SWITCH_ENV]
+        kernels.rows_kernel.cache_clear()
+        name = "batched, onnxruntime kernels"
+        references[name] = [through_backend(plain, [p], args.max_new_tokens)[1][0] for p in prompts]
+        strategies[name] = lambda n: through_backend(plain, prompts[:n], args.max_new_tokens)
+        notes[name] = f"the same runner, {plain.kernels}"
     tmp = Path(tempfile.mkdtemp(prefix="bench-ort-batching-"))
     engine_models: list[Any] = []
     if not args.no_engine:
@@ -278,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                 b = OrtGenaiBackend(copy, device="cpu", batching=batching, max_batch_size=max_streams)
                 b.load()
                 lean_backends.append(b)
-            lean_alone = [through_backend(lean_backends[0], [p], args.max_new_tokens)[1][0] for p in prompts]
+            references["batched, lean copy"] = [
+                through_backend(lean_backends[0], [p], args.max_new_tokens)[1][0] for p in prompts
+            ]
             strategies["batched, lean copy"] = lambda n: through_backend(
                 lean_backends[1], prompts[:n], args.max_new_tokens
             )
@@ -307,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
-        reference = lean_alone if name.startswith("batched, lean") else alone
+        reference = references[name]
         per_n: dict[str, Any] = {}
         for n in args.streams:
             if n in failed[name]:
