@@ -1,4 +1,4 @@
-"""Concurrent streams on the onnxruntime-genai CPU path: shared decode steps vs one generator per request vs og.Engine.
+"""Concurrent streams on the onnxruntime-genai CPU path: shared decode steps on the rows kernel vs onnxruntime's.
 
     python benchmarks/bench_ort_batching.py                    # the default model's int4 CPU export (the serving one)
     python benchmarks/bench_ort_batching.py --model tiny       # a tiny random llama (seconds, a smoke run)
@@ -6,20 +6,21 @@
 
 For each stream count N, N chat requests (different prompts, so different lengths; greedy; EOS ignored so
 every stream makes exactly --max-new-tokens tokens) run at once through:
-- "generators": OrtGenaiBackend(batching=False), one og.Generator per request side by side (the old path);
-- "batched":    OrtGenaiBackend(), continuous batching on the same graph (backends/ort_genai/batching.py);
-- "og.Engine":  onnxruntime-genai's own engine. On the serving export it cannot run (its static path reads
-                full-sequence logits, the export's lm_head is pruned to the last position): the error is
-                recorded. It is measured on a copy of the export with the full lm_head instead.
+- "batched":    OrtGenaiBackend(), continuous batching (backends/ort_genai/batching.py), the export's
+                int8-compute MatMulNBits on the rows kernel (backends/ort_genai/kernels) where it can;
+- "batched, onnxruntime kernels": the same runner on onnxruntime's own MatMulNBits (--no-compare-kernels
+                skips it), the baseline of the ratio column;
+- with --generators, "generators": OrtGenaiBackend(batching=False), one og.Generator per request side by
+                side (the path before batching; then the baseline), and "og.Engine", onnxruntime-genai's own
+                engine. On the serving export og.Engine cannot run (its static path reads full-sequence
+                logits, the export's lm_head is pruned to the last position): the error is recorded, and it is
+                measured on a copy of the export with the full lm_head instead.
 Aggregate tok/s = all tokens / wall time (prefill included). TPOT = a stream's (last - first token time) /
 (tokens - 1), p50/p95 over streams. Runs alternate strategies round-robin (the order rotates per repeat)
-with a short pause between runs; medians (min-max) are reported, and the ratio to "generators" of the same
-stream count. Correctness: each stream's tokens against that prompt served alone by the same backend (greedy);
-the first position where a stream leaves it is recorded. The batched runner runs the export's int8-compute
-MatMulNBits on the rows kernel (backends/ort_genai/kernels) where it can; "batched, onnxruntime kernels" is
-the same runner on onnxruntime's own MatMulNBits, side by side (--no-compare-kernels skips it). With --lean,
-also a copy laid out as the lean memory preset (the MLP at fp32 compute, whose batched sums differ from one
-row's in the last bits). Writes benchmarks/results/ort_batching.json.
+with a short pause between runs; medians (min-max) are reported. Correctness: each stream's tokens against
+that prompt served alone by the same backend (greedy); the first position where a stream leaves it is
+recorded. With --lean, also a copy laid out as the lean memory preset (the MLP at fp32 compute, whose batched
+sums differ from one row's in the last bits). Writes benchmarks/results/ort_batching.json.
 """
 
 from __future__ import annotations
@@ -228,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         "--lean", action="store_true", help="also a copy with the lean memory preset's fp32-compute MLP"
     )
     parser.add_argument(
+        "--generators",
+        action="store_true",
+        help="also one og.Generator per request (the path before batching) and og.Engine; with --compare-kernels "
+        "or --lean the memory ledger may not hold all of their KV reservations at once",
+    )
+    parser.add_argument(
         "--no-compare-kernels",
         dest="compare_kernels",
         action="store_false",
@@ -246,29 +253,33 @@ def main(argv: list[str] | None = None) -> int:
     folder = resolve_model(args.model)
     prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(max(args.streams))]
     max_streams = max(args.streams)
-    generators = OrtGenaiBackend(folder, device="cpu", batching=False, max_batch_size=max_streams)
-    generators.load()
     batched = OrtGenaiBackend(folder, device="cpu", max_batch_size=max_streams)
     batched.load()
-    prompt_ids = [generators.encode(chat(p, args.max_new_tokens)) for p in prompts]
+    loaded = [batched]
+    prompt_ids = [batched.encode(chat(p, args.max_new_tokens)) for p in prompts]
     console.print(f"{folder.name}: prompts of {sorted(set(map(len, prompt_ids)))} tokens; {batched.batching_reason}")
     console.print(f"batched kernels: {batched.kernels}")
     # each strategy's streams are compared with the same strategy's backend serving that prompt alone
     references: dict[str, list[list[int]]] = {
-        "generators": [through_backend(generators, [p], args.max_new_tokens)[1][0] for p in prompts],
         "batched": [through_backend(batched, [p], args.max_new_tokens)[1][0] for p in prompts],
     }
-
     strategies: dict[str, Callable[[int], Run]] = {
-        "generators": lambda n: through_backend(generators, prompts[:n], args.max_new_tokens),
         "batched": lambda n: through_backend(batched, prompts[:n], args.max_new_tokens),
     }
     notes: dict[str, str] = {"batched": f"{batched.batching_reason}; {batched.kernels}"}
+    generators = None
+    if args.generators:
+        generators = OrtGenaiBackend(folder, device="cpu", batching=False, max_batch_size=max_streams)
+        generators.load()
+        loaded.append(generators)
+        references["generators"] = [through_backend(generators, [p], args.max_new_tokens)[1][0] for p in prompts]
+        strategies["generators"] = lambda n: through_backend(generators, prompts[:n], args.max_new_tokens)
     if args.compare_kernels and batched.kernels.startswith("rows kernel"):
         os.environ[kernels.SWITCH_ENV] = "0"  # the same batched runner on onnxruntime's MatMulNBits
         kernels.rows_kernel.cache_clear()
         plain = OrtGenaiBackend(folder, device="cpu", max_batch_size=max_streams)
         plain.load()
+        loaded.append(plain)
         del os.environ[kernels.SWITCH_ENV]
         kernels.rows_kernel.cache_clear()
         name = "batched, onnxruntime kernels"
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         notes[name] = f"the same runner, {plain.kernels}"
     tmp = Path(tempfile.mkdtemp(prefix="bench-ort-batching-"))
     engine_models: list[Any] = []
-    if not args.no_engine:
+    if not args.no_engine and generators is not None:
         try:
             through_engine(generators._model, prompt_ids[:1], 4)
             notes["og.Engine on the serving export"] = "ran"
@@ -302,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 b = OrtGenaiBackend(copy, device="cpu", batching=batching, max_batch_size=max_streams)
                 b.load()
                 lean_backends.append(b)
+                loaded.append(b)
             references["batched, lean copy"] = [
                 through_backend(lean_backends[0], [p], args.max_new_tokens)[1][0] for p in prompts
             ]
@@ -352,15 +364,16 @@ def main(argv: list[str] | None = None) -> int:
                 "first_divergence": divergence,
             }
         rows[name] = per_n
+    baseline = "generators" if "generators" in rows else names[-1]  # else the runner on onnxruntime's kernels
     for name in names:
         for n in args.streams:
-            base = rows["generators"][str(n)].get("aggregate_tok_s")
+            base = rows[baseline][str(n)].get("aggregate_tok_s")
             row = rows[name][str(n)]
             if "aggregate_tok_s" in row and base is not None:
-                row["vs_generators"] = row["aggregate_tok_s"].median / base.median
+                row["vs_baseline"] = row["aggregate_tok_s"].median / base.median
 
     table = Table(title=f"{args.max_new_tokens} new tokens per stream, greedy; medians (min-max) of {args.repeats}")
-    for col in ("streams", "strategy", "aggregate tok/s", "vs generators", "TPOT ms p50 / p95", "streams = alone"):
+    for col in ("streams", "strategy", "aggregate tok/s", f"vs {baseline}", "TPOT ms p50 / p95", "streams = alone"):
         table.add_column(col)
     for n in args.streams:
         for name in names:
@@ -372,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(n),
                 name,
                 row["aggregate_tok_s"].fmt(1),
-                f"{row['vs_generators']:.2f}x",
+                f"{row['vs_baseline']:.2f}x",
                 f"{row['tpot_ms_p50']:.1f} / {row['tpot_ms_p95']:.1f}",
                 equal_note(row["first_divergence"]),
             )
@@ -391,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": [len(p) for p in prompt_ids],
         "strategies": rows,
         "notes": notes,
+        "baseline": baseline,
         "load_average_before": load_before,
         "load_average_after": load_after,
         "machine": info,
@@ -398,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_json(args.output, result)
     console.print(f"wrote {path}")
-    for b in (generators, batched, *lean_backends):
+    for b in loaded:
         b.unload()
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

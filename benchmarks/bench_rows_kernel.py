@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import logging
 import os
 import statistics
@@ -116,13 +117,11 @@ def time_ops(shapes: collections.Counter, rows: list[int], runs: int, library: P
     return out
 
 
-def teacher_forced_logits(session: Any, seq: list[int]) -> np.ndarray:
+def teacher_forced_logits(session: Any, seq: list[int], kv_heads: int, head_size: int) -> np.ndarray:
     """Logits after each token of `seq`, fed one token per step (the export's lm_head is pruned to the last
     position), the cache grown by concatenation (no shared buffer needed for a plain run)."""
-    inputs = {i.name: i for i in session.get_inputs()}
-    past = sorted(n for n in inputs if n.startswith("past_key_values."))
-    first = inputs[past[0]].shape  # [batch, kv_heads, past, head_size]
-    kv = {n: np.zeros((1, first[1], 0, first[3]), dtype=np.float32) for n in past}
+    past = sorted(i.name for i in session.get_inputs() if i.name.startswith("past_key_values."))
+    kv = {n: np.zeros((1, kv_heads, 0, head_size), dtype=np.float32) for n in past}
     outputs = [o.name for o in session.get_outputs()]
     rows = []
     for i, token in enumerate(seq):
@@ -143,6 +142,8 @@ def agreement(folder: Path, source: Path, library: Path | None) -> dict[str, Any
     tok = AutoTokenizer.from_pretrained(source)
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     seqs, torch_logits = _torch_side(source, prompt_ids)
+    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    geometry = (decoder["num_key_value_heads"], decoder["head_size"])
     result: dict[str, Any] = {}
     for name, lib in (("onnxruntime", None), ("rows", library)):
         options = ort.SessionOptions()
@@ -156,7 +157,7 @@ def agreement(folder: Path, source: Path, library: Path | None) -> dict[str, Any
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         agree = total = 0
         for seq, ref in zip(seqs, torch_logits, strict=True):
-            got = teacher_forced_logits(session, seq)
+            got = teacher_forced_logits(session, seq, *geometry)
             agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
             total += ref.shape[0]
         result[name] = {"top1_agreement": round(agree / total, 4), "positions": total}
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if kernel.library is None:
         parser.error(f"the rows kernel is not available here: {kernel.reason}")
     from plugin.convert import export
-    from plugin.models import resolve_model
+    from plugin.models.resolve import resolve_model
 
     source = None
     folder = Path(args.model)
