@@ -175,6 +175,7 @@ def test_batched_int4_greedy_on_the_rows_kernel_equals_one_at_a_time(int4_export
     try:
         assert backend._runner is not None, backend.batching_reason
         assert backend.kernels.startswith("rows kernel"), backend.kernels
+        assert backend.kernels in backend.health().detail  # operators see which kernels serve
         requests = [greedy(12 + 3 * i, p) for i, p in enumerate(PROMPTS)]
         alone = [tokens(backend.generate(r)) for r in requests]  # one at a time, the same session
         together = [tokens(s) for s in run_together(backend, requests)]

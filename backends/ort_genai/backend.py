@@ -482,6 +482,8 @@ class OrtGenaiBackend:
         if runner is not None and not runner.alive:
             return BackendHealth(False, active, f"batch scheduler stopped: {runner.last_error or 'unknown'}")
         detail = f"{self._spec.ort_name if self._spec else '?'}; {self.batching_reason}"
+        if self.kernels:
+            detail += f"; {self.kernels}"
         if runner is not None:
             self._last_error = runner.last_error or self._last_error
         if self._last_error:

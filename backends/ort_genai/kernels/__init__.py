@@ -126,6 +126,8 @@ def rows_graph(model_file: Path) -> tuple[Path | None, int]:
     nodes were; (None, 0) when none qualifies. The rewrite runs in a child process so serving never imports
     onnx (docs/fused-export.md: a warm serving process holds no onnx)."""
     graph = model_file.read_bytes()
+    if b"MatMulNBits" not in graph:  # fp32 / fp16 exports: nothing to retype, no child process
+        return None, 0
     key = hashlib.sha256(graph + REWRITE_VERSION.encode()).hexdigest()[:20]
     cached = kernels_dir() / "graphs" / f"{key}.onnx"
     count_file = cached.with_suffix(".count")
