@@ -6,7 +6,8 @@
 1. Per op: one single-node graph per distinct (K, N, bits, block) of the export's int8-compute MatMulNBits
    (random weights of the same format: time does not depend on values), run side by side on onnxruntime's
    MatMulNBits and on the rows kernel for each row count (decode steps of 1..16 rows, a 57-token prefill),
-   alternating, medians over --runs. Also the whole-step estimate: each shape's time x its count in the graph.
+   alternating in blocks of 25 calls, medians over --runs. Also the whole-step estimate: each shape's time x
+   its count in the graph.
 2. Model: top-1 agreement with torch's fp32 logits, teacher-forced over the export's own parity prompts
    (plugin/convert/parity.py: every position of prompt + 8 greedy tokens, one token per step), for the batched
    runner's session on onnxruntime's kernels and on the rows kernel.
@@ -35,6 +36,7 @@ from backends.ort_genai import kernels  # noqa: E402
 from benchmarks.common import machine_info, write_json  # noqa: E402
 
 log = logging.getLogger("bench_rows_kernel")
+BLOCK = 25  # consecutive runs of one session
 
 
 def export_shapes(model_file: Path) -> collections.Counter:
@@ -103,11 +105,15 @@ def time_ops(shapes: collections.Counter, rows: list[int], runs: int, library: P
             for _ in range(10):
                 mlas.run(None, {"A": a})
                 mine.run(None, {"A": a})
-            for _ in range(runs):  # alternate so drift hits both
+            # alternate in blocks so drift hits both, but never call one session while the other's intra-op
+            # threads still spin (onnxruntime spins after each run: alternating every call measures the overlap)
+            for _ in range(max(1, runs // BLOCK)):
                 for name, s in (("onnxruntime", mlas), ("rows", mine)):
-                    t = time.perf_counter()
-                    s.run(None, {"A": a})
-                    times[name].append(time.perf_counter() - t)
+                    s.run(None, {"A": a})  # after the other session's threads have gone to sleep
+                    for _ in range(BLOCK):
+                        t = time.perf_counter()
+                        s.run(None, {"A": a})
+                        times[name].append(time.perf_counter() - t)
             ort_us = statistics.median(times["onnxruntime"]) * 1e6
             rows_us = statistics.median(times["rows"]) * 1e6
             out.append(

@@ -72,7 +72,8 @@ def missing_cpu_features(flags: frozenset[str]) -> list[str]:
     return [flag for flag in REQUIRED_FLAGS if flag not in flags]
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C++ compiler the kernel is built with: $CXX, else g++ (None when not on PATH)."""
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
@@ -95,7 +96,9 @@ def build(compiler: str, target: Path) -> None:
         cmd = [compiler, *COMPILE_FLAGS, f"-I{INCLUDE}", str(SOURCE), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
+            log.warning("%s failed:\n%s", " ".join(cmd), done.stderr.strip()[-4000:])
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
+            raise RuntimeError(f"{compiler} exited {done.returncode}: {errors[0].strip() if errors else 'no output'}")
         os.replace(out, target)
 
 
@@ -107,17 +110,17 @@ def rows_kernel() -> RowsKernel:
     missing = missing_cpu_features(cpu_flags())
     if missing:
         return RowsKernel(None, f"this CPU lacks {', '.join(missing)}: onnxruntime's MatMulNBits")
-    compiler = _compiler()
-    if compiler is None:
+    compiler_path = compiler()
+    if compiler_path is None:
         return RowsKernel(None, "no C++ compiler (g++ or $CXX) to build the rows kernel: onnxruntime's MatMulNBits")
     try:
-        target = kernels_dir() / f"rows_gemm-{_build_key(compiler)}.so"
+        target = kernels_dir() / f"rows_gemm-{_build_key(compiler_path)}.so"
         if not target.exists():
             log.info("building the rows kernel (once per machine and source): %s", target)
-            build(compiler, target)
+            build(compiler_path, target)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("rows kernel not built, onnxruntime's MatMulNBits instead: %s", exc)
-        return RowsKernel(None, f"rows kernel build failed ({str(exc).splitlines()[0]}): onnxruntime's MatMulNBits")
+        return RowsKernel(None, f"rows kernel build failed ({exc}): onnxruntime's MatMulNBits")
     return RowsKernel(target, "")
 
 
