@@ -12,6 +12,8 @@
 // and its attributes K, N, bits (4 or 8), block_size (16..256, a power of two). Packing happens once, when
 // the session creates the kernel, from B's constant initializers.
 #include <immintrin.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <climits>
@@ -117,6 +119,23 @@ OrtStatus* Pack(Kernel& k, const uint8_t* b, const float* scales, const uint8_t*
     }
   }
   return nullptr;
+}
+
+// Hint the kernel to reclaim the pages of a weight we have packed. onnxruntime memory-maps external weights
+// and keeps them mapped; its own MatMulNBits releases each original after pre-packing, but a custom op cannot,
+// so without this every original and every packed copy would be resident together at the end of the load
+// (~75 MB more peak on the default model). MADV_PAGEOUT never changes contents: a file page comes back from
+// the file if read again, an anonymous page without swap simply stays.
+void GiveBack(const void* data, size_t bytes) {
+#ifdef MADV_PAGEOUT
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t start = reinterpret_cast<uintptr_t>(data) & ~(page - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes + page - 1) & ~(page - 1);
+  madvise(reinterpret_cast<void*>(start), end - start, MADV_PAGEOUT);  // a hint: failure changes nothing
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 // A row quantized per block: int8 values, the block's scale, and scale x sum of the int8 values. Vectorized
@@ -324,6 +343,11 @@ OrtStatus* ORT_API_CALL CreateKernel(const OrtCustomOp*, const OrtApi*, const Or
   if (!status) {
     try {
       status = Pack(*k, static_cast<const uint8_t*>(bd), static_cast<const float*>(sd), static_cast<const uint8_t*>(zd));
+      if (status == nullptr) {
+        GiveBack(bd, static_cast<size_t>(k->N * k->nblk * k->blk * k->bits / 8));
+        GiveBack(sd, static_cast<size_t>(k->N * k->nblk) * sizeof(float));
+        if (zd) GiveBack(zd, static_cast<size_t>(k->N * (k->bits == 4 ? (k->nblk + 1) / 2 : k->nblk)));
+      }
     } catch (const std::bad_alloc&) {
       status = Fail("RowsMatMulNBits: out of memory packing B");
     }
