@@ -120,6 +120,47 @@ def lean_compute(graph: Any) -> str:
     return f"{changed} MatMulNBits at fp32 compute (the lean preset)" if changed else ""
 
 
+class OneAtATime:
+    """The benchmark's backends, loaded one at a time: each reserves KV cache for a full batch at full context
+    in the host memory ledger, so two of them at 16 streams do not fit together. Loads happen between runs,
+    outside every timed region."""
+
+    def __init__(self) -> None:
+        self.makers: dict[str, Callable[[], OrtGenaiBackend]] = {}
+        self.name: str | None = None
+        self.backend: OrtGenaiBackend | None = None
+
+    def add(self, name: str, make: Callable[[], OrtGenaiBackend]) -> None:
+        self.makers[name] = make
+
+    def use(self, name: str) -> OrtGenaiBackend:
+        if self.name != name or self.backend is None:
+            self.close()
+            backend = self.makers[name]()
+            if backend._runner is None and backend._model is None:
+                backend.load()
+            self.name, self.backend = name, backend
+        return self.backend
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.unload()
+        self.name, self.backend = None, None
+
+
+def without_rows_kernel(folder: Path, max_streams: int) -> OrtGenaiBackend:
+    """The batched backend on onnxruntime's own MatMulNBits (the switch is read when the session opens)."""
+    os.environ[kernels.SWITCH_ENV] = "0"
+    kernels.rows_kernel.cache_clear()
+    try:
+        backend = OrtGenaiBackend(folder, device="cpu", max_batch_size=max_streams)
+        backend.load()
+    finally:
+        del os.environ[kernels.SWITCH_ENV]
+        kernels.rows_kernel.cache_clear()
+    return backend
+
+
 def chat(text: str, max_new: int) -> GenerationRequest:
     return GenerationRequest(
         messages=[{"role": "user", "content": text}], sampling=SamplingParams(max_new_tokens=max_new, ignore_eos=True)
@@ -253,39 +294,32 @@ def main(argv: list[str] | None = None) -> int:
     folder = resolve_model(args.model)
     prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(max(args.streams))]
     max_streams = max(args.streams)
-    batched = OrtGenaiBackend(folder, device="cpu", max_batch_size=max_streams)
-    batched.load()
-    loaded = [batched]
+    resident = OneAtATime()
+    resident.add("batched", lambda: OrtGenaiBackend(folder, device="cpu", max_batch_size=max_streams))
+    batched = resident.use("batched")
+    loaded: list[OrtGenaiBackend] = []
     prompt_ids = [batched.encode(chat(p, args.max_new_tokens)) for p in prompts]
     console.print(f"{folder.name}: prompts of {sorted(set(map(len, prompt_ids)))} tokens; {batched.batching_reason}")
     console.print(f"batched kernels: {batched.kernels}")
-    # each strategy's streams are compared with the same strategy's backend serving that prompt alone
-    references: dict[str, list[list[int]]] = {
-        "batched": [through_backend(batched, [p], args.max_new_tokens)[1][0] for p in prompts],
-    }
-    strategies: dict[str, Callable[[int], Run]] = {
-        "batched": lambda n: through_backend(batched, prompts[:n], args.max_new_tokens),
-    }
     notes: dict[str, str] = {"batched": f"{batched.batching_reason}; {batched.kernels}"}
-    generators = None
+    names = ["batched"]
     if args.generators:
-        generators = OrtGenaiBackend(folder, device="cpu", batching=False, max_batch_size=max_streams)
-        generators.load()
-        loaded.append(generators)
-        references["generators"] = [through_backend(generators, [p], args.max_new_tokens)[1][0] for p in prompts]
-        strategies["generators"] = lambda n: through_backend(generators, prompts[:n], args.max_new_tokens)
+        resident.add(
+            "generators", lambda: OrtGenaiBackend(folder, device="cpu", batching=False, max_batch_size=max_streams)
+        )
+        names.append("generators")
     if args.compare_kernels and batched.kernels.startswith("rows kernel"):
-        os.environ[kernels.SWITCH_ENV] = "0"  # the same batched runner on onnxruntime's MatMulNBits
-        kernels.rows_kernel.cache_clear()
-        plain = OrtGenaiBackend(folder, device="cpu", max_batch_size=max_streams)
-        plain.load()
-        loaded.append(plain)
-        del os.environ[kernels.SWITCH_ENV]
-        kernels.rows_kernel.cache_clear()
-        name = "batched, onnxruntime kernels"
-        references[name] = [through_backend(plain, [p], args.max_new_tokens)[1][0] for p in prompts]
-        strategies[name] = lambda n: through_backend(plain, prompts[:n], args.max_new_tokens)
-        notes[name] = f"the same runner, {plain.kernels}"
+        resident.add("batched, onnxruntime kernels", lambda: without_rows_kernel(folder, max_streams))
+        names.append("batched, onnxruntime kernels")
+    # each strategy's streams are compared with the same strategy's backend serving that prompt alone
+    references: dict[str, list[list[int]]] = {}
+    strategies: dict[str, Callable[[int], Run]] = {}
+    for name in names:
+        backend = resident.use(name)
+        references[name] = [through_backend(backend, [p], args.max_new_tokens)[1][0] for p in prompts]
+        strategies[name] = lambda n, name=name: through_backend(resident.use(name), prompts[:n], args.max_new_tokens)
+        notes.setdefault(name, f"the same runner, {backend.kernels}" if "kernels" in name else backend.batching_reason)
+    generators = resident.use("generators") if args.generators else None
     tmp = Path(tempfile.mkdtemp(prefix="bench-ort-batching-"))
     engine_models: list[Any] = []
     if not args.no_engine and generators is not None:
@@ -412,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_json(args.output, result)
     console.print(f"wrote {path}")
+    resident.close()
     for b in loaded:
         b.unload()
     shutil.rmtree(tmp, ignore_errors=True)
