@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
-        reference = references[name]
+        reference = references.get(name) or references["generators"]  # og.Engine: against one generator alone
         per_n: dict[str, Any] = {}
         for n in args.streams:
             if n in failed[name]:

@@ -231,3 +231,18 @@ def test_kernel_refusals_name_the_cause(monkeypatch, tmp_path: Path) -> None:
         assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built is left to load
     finally:
         kernels.rows_kernel.cache_clear()
+
+
+@needs_kernel
+def test_bench_rows_kernel_quick_run_on_a_tiny_export(int4_export: Path, tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.bench_rows_kernel import main
+
+    out = tmp_path / "rows_kernel.json"
+    assert main(["--model", str(int4_export), "--rows", "1", "8", "--runs", "25", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["shapes"] and result["agreement"] is None  # an export folder has no torch source to agree with
+    assert {r["rows"] for r in result["ops"]} == {1, 8}
+    assert all(r["onnxruntime_us"] > 0 and r["rows_us"] > 0 for r in result["ops"])
+    assert set(result["per_step"]) == {"1", "8"}
