@@ -15,9 +15,12 @@ step with a right-padded mask and nothing else:
 - one scheduler thread owns the onnxruntime session; `submit` queues a request, the thread answers
   through the request's own chunk queue (the same shape as backends/torch/batching.py);
 - the KV cache is one buffer per layer and kind, [rows, kv_heads, length, head_size]; row i of the buffer
-  is `rows[i]`. A new request is prefilled alone (batch 1, the graph's logits are its last position)
-  straight into the next free row of that buffer, then decodes with the others. Prompts are never padded
-  together: the pruned lm_head has no logits for a shorter prompt's last token in a padded batch;
+  is `rows[i]`. Requests that arrive together are prefilled together, right-padded, straight into the next
+  free rows of that buffer, each without its last prompt token: the pruned lm_head has logits for the
+  batch's last position only, so a shorter prompt's first new token comes from its first decode step,
+  which feeds that last token beside the running rows. A request alone takes the same path, so what shares
+  its prefill never changes its numbers (GroupQueryAttention's right-padded prefill writes each row's cache
+  exactly as a prefill of that row alone does);
 - a finished or cancelled row leaves at once: the last row's used cache moves into its place, so the
   running rows stay rows [0, n) and each step binds views of the buffers (no copy per step);
 - the buffers grow (rows doubling, length by a quarter or more, in blocks of KV_BLOCK) when a joining
@@ -27,15 +30,18 @@ step with a right-padded mask and nothing else:
   numpy Generator, so what shares the batch never changes a sampled row's draws;
 - TokenStream (backends/stream.py) decides text, stops, EOS and limits, as on every path.
 
-Failure isolation: a failing prefill fails that request only; a failing decode step fails the rows of
+Failure isolation: a failing prefill fails that request only (a shared prefill that fails is retried one
+prompt at a time); a failing decode step fails the rows of
 that step (one forward for all of them) and the loop carries on; a row whose logits are not finite, or
 whose token cannot be streamed, fails alone.
 
-Numerics: a batch of M rows runs onnxruntime's M-row kernels. MatMulNBits with int8 compute
-(accuracy_level 4, every 4-bit MatMul of the default "fast" export) and plain fp32 MatMul give each row
-exactly what it gets alone; MatMulNBits with fp32 compute (the MLP of the "lean" memory preset) sums
-in a different order for M > 1 (differences ~1e-6 that the next int8-compute layer can round into another
-bucket), so there a greedy stream in a batch can leave its one-at-a-time path at a near tie. Measured
+Numerics: a batch of M rows runs M-row kernels. The rows kernel (backends/ort_genai/kernels, the default
+export's int8-compute MatMulNBits where it is built), onnxruntime's MatMulNBits with int8 compute and plain
+fp32 MatMul give each row exactly what it gets alone; MatMulNBits with fp32 compute (the MLP of the "lean"
+memory preset) sums in a different order for M > 1 (differences ~1e-6 that the next int8-compute layer can
+round into another bucket), so there a greedy stream in a batch can leave its one-at-a-time path at a near
+tie. A request served by og generators (batching off) prefills its whole prompt at once; the split here
+changes its last position's logits by ~3e-5 on an fp32 export, more on an int4 one. Measured
 numbers: benchmarks/bench_ort_batching.py.
 """
 
@@ -52,6 +58,7 @@ import numpy as np
 
 from backends.base import SamplingParams, TokenLogprob
 from backends.detok import StreamDecoder
+from backends.memory import LOAD_KV_TOKENS
 from backends.ort_genai.resident import release_weight_pages
 from backends.runner import BatchRunnerBase
 from backends.stream import TokenStream, token_logprob
@@ -68,6 +75,10 @@ STATIC_PIPELINE_REASON = (
 )
 """Why an HTP (decoder-pipeline) package is not batched: its graphs are compiled for batch 1, and a static batch
 dimension would need a context binary per batch size (docs/fused-export.md, "Serving")."""
+
+PREFILL_TOKENS = LOAD_KV_TOKENS
+"""Padded tokens one shared prefill may hold: the backend's activation allowance covers one prompt's prefill of
+min(context, LOAD_KV_TOKENS) tokens (backends/ort_genai/memory.py)."""
 
 NON_FINITE = (
     "the model produced non-finite logits (NaN or inf) for this request, so no token could be chosen; "
@@ -310,6 +321,24 @@ class KVStore:
 # ---- the scheduler thread ---------------------------------------------------------------------------------
 
 
+def prefill_groups(waiting: list[Work], budget: int) -> list[list[Work]]:
+    """Waiting requests in arrival order, cut into shared prefills of at most `budget` padded tokens (rows x the
+    longest prompt), so one call's activations stay within the allowance reserved for one prompt's prefill."""
+    groups: list[list[Work]] = []
+    current: list[Work] = []
+    longest = 0
+    for w in waiting:
+        width = max(len(w.prompt_ids) - 1, longest)
+        if current and width * (len(current) + 1) > budget:
+            groups.append(current)
+            current, width = [], len(w.prompt_ids) - 1
+        current.append(w)
+        longest = width
+    if current:
+        groups.append(current)
+    return groups
+
+
 class OrtBatchRunner(BatchRunnerBase):
     """Owns one onnxruntime session on the fused graph; runs every admitted request in shared decode steps."""
 
@@ -345,20 +374,23 @@ class OrtBatchRunner(BatchRunnerBase):
         self.kv.release()
 
     def _admit(self) -> None:
-        """Prefill every request submitted since the last step (block while nothing runs)."""
+        """Prefill every request submitted since the last step, together (block while nothing runs)."""
         block = not self.rows
+        waiting: list[Work] = []
         while not self._stopping:
             try:
                 w = self._incoming.get(block=block)
             except queue.Empty:
-                return
+                break
             block = False
             if w is None:
-                return
+                return  # stopping: stop() ends every known request, these too
             if self._take_cancel(w.request_id):
                 self._end(w, "cancelled")
                 continue
-            self._prefill(w)
+            waiting.append(w)
+        for group in prefill_groups(waiting, PREFILL_TOKENS):
+            self._prefill(group)
 
     def _bind(self, kv: list[Any]) -> Any:
         binding = self.session.io_binding()
@@ -390,21 +422,55 @@ class OrtBatchRunner(BatchRunnerBase):
         logits = binding.get_outputs()[0].numpy()
         return logits[:, -1, :]
 
-    def _prefill(self, w: Work) -> None:
-        """Prefill one prompt alone into the next free row, stream its first token, and let it join."""
-        n, p = len(self.rows), len(w.prompt_ids)
-        try:
-            self.kv.ensure(n + 1, p + 1, n)
-            ids = np.asarray([w.prompt_ids], dtype=np.int64)
-            logits = self._forward(ids, np.ones((1, p), dtype=np.int64), self.kv.views(n, n + 1))[0]
-        except Exception as e:
-            log.warning("prefill of request %s failed", w.request_id, exc_info=e)
-            self._fail(w, f"onnxruntime failed on the prompt ({p} tokens): {e}")
+    def _prefill(self, group: list[Work]) -> None:
+        """Prefill prompts together into the next free rows, right-padded, each without its last token; that
+        token is the row's first decode step, shared with the running rows, whose logits give the first new
+        token. Every prompt takes this path, alone too, so a request computes the same numbers whatever shares
+        its prefill and its steps (GroupQueryAttention reads each row's length from the mask)."""
+        heads = [w for w in group if len(w.prompt_ids) > 1]  # a one-token prompt has nothing to prefill
+        if heads and not self._prefill_rows(heads):
+            if len(heads) > 1:  # one shared call failed: alone, each prompt fails or succeeds on its own
+                for w in heads:
+                    if self._prefill_rows([w]):
+                        self._join(w)
+            heads = []
+        for w in heads:
+            self._join(w)
+        for w in group:
+            if len(w.prompt_ids) <= 1:
+                self._join(w)
+
+    def _join(self, w: Work) -> None:
+        """A prefilled request takes the next row; its last prompt token is what the next step feeds."""
+        if not w.prompt_ids:
+            self._fail(w, "the prompt has no tokens; send at least one")
             return
-        w.length = p
-        if not self._accept(w, logits):
-            self.rows.append(w)
-            self.peak_batch = max(self.peak_batch, len(self.rows))
+        w.length = len(w.prompt_ids) - 1
+        w.last = w.prompt_ids[-1]
+        self.rows.append(w)
+        self.peak_batch = max(self.peak_batch, len(self.rows))
+
+    def _prefill_rows(self, ws: list[Work]) -> bool:
+        """One forward of `ws`' prompts but their last tokens into rows [n, n + len(ws)); False when it failed
+        (each request then failed with the reason, unless several shared the call: the caller retries them)."""
+        n, widths = len(self.rows), [len(w.prompt_ids) - 1 for w in ws]
+        width = max(widths)
+        try:
+            self.kv.ensure(n + len(ws), width + 1, n)
+            ids = np.zeros((len(ws), width), dtype=np.int64)
+            mask = np.zeros((len(ws), width), dtype=np.int64)
+            for i, (w, p) in enumerate(zip(ws, widths, strict=True)):
+                ids[i, :p] = w.prompt_ids[:-1]
+                mask[i, :p] = 1
+            self._forward(ids, mask, self.kv.views(n, n + len(ws)))  # the logits of a padded row mean nothing
+        except Exception as e:
+            if len(ws) > 1:
+                log.warning("a shared prefill of %d prompts failed, retrying them one by one: %s", len(ws), e)
+                return False
+            log.warning("prefill of request %s failed", ws[0].request_id, exc_info=e)
+            self._fail(ws[0], f"onnxruntime failed on the prompt ({widths[0] + 1} tokens): {e}")
+            return False
+        return True
 
     def _step(self) -> None:
         rows = self.rows
