@@ -85,13 +85,13 @@ class Gate:
         self.opened.set()
 
 
-def run_together(backend: OrtGenaiBackend, requests: list[GenerationRequest]) -> list[list]:
+def run_together(backend: OrtGenaiBackend, requests: list[GenerationRequest], peak: int | None = None) -> list[list]:
     """Submit every request while the scheduler is held, then read all streams: they share decode steps."""
     gate = Gate(backend)
     streams = [backend.generate(r) for r in requests]
     gate.open()
     out = [list(s) for s in streams]
-    assert gate.runner.peak_batch == len(requests)  # they really ran in one batch
+    assert gate.runner.peak_batch == (peak or len(requests))  # they really ran in one batch
     return out
 
 
@@ -349,3 +349,75 @@ def test_the_kv_layout_comes_from_the_graph_inputs(exports) -> None:
     assert done is None and "position_ids" in why
     inputs[0] = batching.GraphInput(inputs[0].name, None, (1, 2, "len", 16))  # a bf16 / int8 cache: not bound here
     assert batching.graph_spec(plan, inputs)[1] == "an unexpected KV cache layout or type"
+
+
+def test_requests_arriving_together_share_one_prefill(exports) -> None:
+    """Five prompts of different lengths (one of a single token) are prefilled in one right-padded call, and
+    each still gets exactly the tokens it gets alone on the same backend and on one og generator."""
+    folder = exports("llama")
+    alone = load(folder, batching=False)
+    b = load(folder)
+    try:
+        runner = b._runner
+        assert runner is not None
+        shapes: list[tuple[int, int]] = []
+        forward = runner._forward
+
+        def recorded(ids, mask, kv):
+            shapes.append(ids.shape)
+            return forward(ids, mask, kv)
+
+        runner._forward = recorded  # type: ignore[method-assign]
+        reqs = [request(p, 12, ignore_eos=True) for p in PROMPTS]
+        ids = [b.encode(r) for r in reqs]
+        short = next(t for t in ("a", "Hi", "The", "x") if len(b.encode(request(t))) == 1)
+        reqs.append(request(short, 12, ignore_eos=True))  # a one-token prompt: its first step is its prefill
+        expected = [tokens(alone.generate(r)) for r in reqs]
+        shapes.clear()
+        got = run_together(b, reqs)
+        assert [tokens(c) for c in got] == expected
+        # one prefill of the five multi-token prompts (the one-token prompt has nothing to prefill), then steps
+        widths = sorted(len(i) - 1 for i in ids)
+        assert shapes[0] == (len(PROMPTS), widths[-1])
+        assert all(s == (len(reqs), 1) for s in shapes[1:3])
+    finally:
+        alone.unload()
+        b.unload()
+
+
+def test_a_failing_shared_prefill_is_retried_and_fails_only_its_bad_prompt(exports) -> None:
+    folder = exports("llama")
+    b = load(folder)
+    try:
+        runner = b._runner
+        assert runner is not None
+        want = {i: tokens(b.generate(request(PROMPTS[i], 10, ignore_eos=True))) for i in range(3)}
+        bad = b.encode(request(PROMPTS[1], 10))
+        forward = runner._forward
+
+        def flaky(ids, mask, kv):
+            rows = [list(r[: int(m.sum())]) for r, m in zip(ids, mask, strict=True)]
+            if ids.shape[1] > 1 and bad[:-1] in rows:  # any prefill holding the bad prompt fails
+                raise RuntimeError("injected prefill failure")
+            return forward(ids, mask, kv)
+
+        runner._forward = flaky  # type: ignore[method-assign]
+        got = run_together(b, [request(PROMPTS[i], 10, ignore_eos=True) for i in range(3)], peak=2)
+        assert got[1][-1].finish_reason == "error" and "injected prefill failure" in (got[1][-1].error or "")
+        assert tokens(got[0]) == want[0] and tokens(got[2]) == want[2]
+        assert b.health().healthy
+    finally:
+        b.unload()
+
+
+def test_prefill_groups_stay_within_the_token_budget() -> None:
+    def work(n: int) -> batching.Work:
+        return batching.Work(f"r{n}", list(range(n)), SamplingParams(), stream=None)  # type: ignore[arg-type]
+
+    ws = [work(n) for n in (11, 21, 6, 41, 2, 1)]
+    groups = batching.prefill_groups(ws, budget=60)
+    assert [[len(w.prompt_ids) for w in g] for g in groups] == [[11, 21, 6], [41], [2, 1]]  # 3 x 20 fits 60
+    for g in groups:  # rows x the longest prefilled width (a prompt but its last token)
+        assert len(g) * max(len(w.prompt_ids) - 1 for w in g) <= 60 or len(g) == 1
+    assert batching.prefill_groups([], budget=60) == []
+    assert [len(g) for g in batching.prefill_groups(ws, budget=10_000)] == [6]

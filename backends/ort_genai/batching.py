@@ -436,9 +436,16 @@ class OrtBatchRunner(BatchRunnerBase):
             heads = []
         for w in heads:
             self._join(w)
-        for w in group:
-            if len(w.prompt_ids) <= 1:
-                self._join(w)
+        singles = [w for w in group if len(w.prompt_ids) <= 1]
+        if singles:
+            try:  # their rows need cache room too, though nothing is prefilled into them
+                self.kv.ensure(len(self.rows) + len(singles), 1, len(self.rows))
+            except Exception as e:
+                for w in singles:
+                    self._fail(w, f"no room in the KV cache for this request: {e}")
+                singles = []
+        for w in singles:
+            self._join(w)
 
     def _join(self, w: Work) -> None:
         """A prefilled request takes the next row; its last prompt token is what the next step feeds."""
