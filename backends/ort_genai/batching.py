@@ -31,9 +31,8 @@ step with a right-padded mask and nothing else:
 - TokenStream (backends/stream.py) decides text, stops, EOS and limits, as on every path.
 
 Failure isolation: a failing prefill fails that request only (a shared prefill that fails is retried one
-prompt at a time); a failing decode step fails the rows of
-that step (one forward for all of them) and the loop carries on; a row whose logits are not finite, or
-whose token cannot be streamed, fails alone.
+prompt at a time); a failing decode step fails the rows of that step (one forward for all of them) and the
+loop carries on; a row whose logits are not finite, or whose token cannot be streamed, fails alone.
 
 Numerics: a batch of M rows runs M-row kernels. The rows kernel (backends/ort_genai/kernels, the default
 export's int8-compute MatMulNBits where it is built), onnxruntime's MatMulNBits with int8 compute and plain

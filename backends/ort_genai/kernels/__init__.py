@@ -6,7 +6,7 @@ product at the same numerics class (A quantized per block to int8, as MLAS's int
 block of B unpacked once into a register and multiplied against every row of the tile (AVX-512 VNNI).
 A row's result never depends on the other rows of its step.
 
-The batched runner's session uses it when it can (`rows_session_graph`): the C++ source is compiled with the
+The batched runner's session uses it when it can (`rows_kernel`, `rows_graph`): the C++ source is built with the
 system compiler on first use and cached by content under `<home>/kernels`; the graph gets its int8-compute
 MatMulNBits nodes retyped to `accelserve.RowsMatMulNBits` (a cached copy of `model.onnx` only, the weights
 file is shared). Where it cannot (no AVX-512 VNNI, no compiler, a build error, `ACCELSERVE_ROWS_KERNEL=0`),
