@@ -152,6 +152,10 @@ def test_rewrite_retypes_only_int8_compute_nodes(tmp_path: Path) -> None:
         if a.name == "accuracy_level":
             a.i = 0  # the lean preset's fp32-compute MLP keeps onnxruntime's kernel and numerics
     assert retype(fp32_compute) == 0 and fp32_compute.graph.node[0].op_type == "MatMulNBits"
+    placeholder = onnx.ModelProto.FromString(model.SerializeToString())
+    placeholder.graph.node[0].input.extend(["", ""])  # zero points and g_idx named absent
+    placeholder.graph.node[0].input[3] = ""
+    assert retype(placeholder) == 1 and list(placeholder.graph.node[0].input) == ["A", "B", "scales"]
     assert retype(model) == 1
     node = model.graph.node[0]
     assert (node.domain, node.op_type) == (kernels.DOMAIN, kernels.OP_TYPE)

@@ -38,7 +38,7 @@ SWITCH_ENV = "ACCELSERVE_ROWS_KERNEL"  # "0": keep onnxruntime's MatMulNBits
 DIR_ENV = "ACCELSERVE_KERNELS_DIR"  # where built kernels and retyped graphs are cached (default <home>/kernels)
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
-REWRITE_VERSION = "1"  # bump when the rewrite rules change: cached graphs are keyed by it
+REWRITE_VERSION = "2"  # bump when the rewrite rules change: cached graphs are keyed by it
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ def retype(model: onnx.ModelProto) -> int:
         del node.attribute[:]
         node.attribute.extend(kept)
         del node.input[4:]
+        while node.input and not node.input[-1]:  # an empty name is an absent optional input (zero points)
+            node.input.pop()
         node.op_type, node.domain = OP_TYPE, DOMAIN
         count += 1
     if count and not any(o.domain == DOMAIN for o in model.opset_import):
