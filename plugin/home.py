@@ -1,16 +1,5 @@
-"""Where accelserve keeps what it builds (converted checkpoints, exports): one folder, overridable for tests."""
+"""Where accelserve keeps what it builds: defined in `backends.home` (the backends build into it too)."""
 
-from __future__ import annotations
+from backends.home import HOME_ENV, accelserve_home
 
-import os
-from pathlib import Path
-
-HOME_ENV = "ACCELSERVE_HOME"
-
-
-def accelserve_home() -> Path:
-    """`$ACCELSERVE_HOME`, else `~/.cache/accelserve`; created on first use so callers can write into it."""
-    raw = os.environ.get(HOME_ENV)
-    home = Path(raw).expanduser() if raw else Path.home() / ".cache" / "accelserve"
-    home.mkdir(parents=True, exist_ok=True)
-    return home
+__all__ = ["HOME_ENV", "accelserve_home"]

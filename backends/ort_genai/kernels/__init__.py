@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from plugin.home import accelserve_home
+from backends.home import accelserve_home
 
 log = logging.getLogger(__name__)
 
