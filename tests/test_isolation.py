@@ -16,6 +16,8 @@ from plugin.models.resolve import resolve_model
 
 from fakes import crashing_factory, device
 
+BACKOFF_S = 3.0
+
 
 @pytest.fixture
 def engine(tiny_llama, tmp_path, monkeypatch):
@@ -26,7 +28,8 @@ def engine(tiny_llama, tmp_path, monkeypatch):
         devices=[device("cpu"), device("npu")],
         backend_factory=crashing_factory,
         cost_model=CostModel(path=None),
-        health=HealthTracker(base_backoff_s=1.0),
+        # long enough that a loaded CI machine still places the next request inside the back-off (1 s was not)
+        health=HealthTracker(base_backoff_s=BACKOFF_S),
         isolate_backends=True,
     )
     with e:
@@ -57,7 +60,7 @@ def test_a_segfault_mid_stream_fails_that_request_only_and_the_backend_comes_bac
     assert "".join(c.text for c in moved) == "echo: still there?" and moved[-1].placement.device_id == "cpu:0"
     assert "SIGSEGV" in moved[-1].placement.reason
 
-    time.sleep(1.2)  # the back-off passes: the NPU backend is loaded again, in a new process
+    time.sleep(BACKOFF_S + 0.2)  # the back-off passes: the NPU backend is loaded again, in a new process
     back = chat(engine, "welcome back")
     assert back[-1].placement.device_id == "npu:0" and "".join(c.text for c in back) == "echo: welcome back"
     assert npu_backend(engine)._proc.pid != first_pid
