@@ -154,13 +154,13 @@ def agreement(folder: Path, source: Path, library: Path | None) -> dict[str, Any
     for name, lib in (("onnxruntime", None), ("rows", library)):
         options = ort.SessionOptions()
         options.intra_op_num_threads = 2
-        model: Any = str(folder / "model.onnx")
-        if lib is not None:
+        if lib is None:
+            session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        else:
             retyped, _ = kernels.rows_graph(folder / "model.onnx")
-            options.register_custom_ops_library(str(lib))
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-            model = retyped.read_bytes()
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            if retyped is None:
+                raise RuntimeError(f"{folder} has no int8-compute MatMulNBits for the rows kernel: export int4")
+            session = kernels.open_retyped_session(lib, retyped, folder, options)
         agree = total = 0
         for seq, ref in zip(seqs, torch_logits, strict=True):
             got = teacher_forced_logits(session, seq, *geometry)

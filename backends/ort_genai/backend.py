@@ -43,7 +43,7 @@ from backends.ort_genai.batching import (
     make_work,
     session_inputs,
 )
-from backends.ort_genai.kernels import rows_graph, rows_kernel
+from backends.ort_genai.kernels import open_retyped_session, rows_graph, rows_kernel
 from backends.ort_genai.memory import BATCHED_KV_SLACK, ExportNeeds, export_needs
 from backends.ort_genai.providers import (
     LoadResult,
@@ -64,8 +64,6 @@ BACKEND_NAME = "onnxruntime-genai"
 BATCHED_MAX_BATCH_SIZE = 8
 """Requests the engine admits at once when decode steps are shared (one stream at a time otherwise gets 4)."""
 GENERATOR_MAX_BATCH_SIZE = 4
-EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-"""onnxruntime's session option: where a graph loaded from bytes finds its external data file."""
 
 
 def read_genai_config(model_dir: Path) -> dict[str, Any]:
@@ -400,10 +398,7 @@ class OrtGenaiBackend:
         if retyped is None:
             return ort.InferenceSession(str(graph.model_file), options, providers=["CPUExecutionProvider"])
         library, retyped_file = retyped
-        options.register_custom_ops_library(str(library))
-        # the retyped copy lives in the kernel cache; its weights stay in the export's own data file
-        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(graph.model_file.parent))
-        return ort.InferenceSession(retyped_file.read_bytes(), options, providers=["CPUExecutionProvider"])
+        return open_retyped_session(library, retyped_file, graph.model_file.parent, options)
 
     def _rows_graph(self, model_file: Path) -> tuple[Path, Path] | None:
         """(kernel library, retyped graph) when the rows kernel serves this export here, else None; the reason

@@ -25,6 +25,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from backends.home import accelserve_home
 
@@ -39,6 +40,8 @@ DIR_ENV = "ACCELSERVE_KERNELS_DIR"  # where built kernels and retyped graphs are
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 REWRITE_VERSION = "2"  # bump when the rewrite rules change: cached graphs are keyed by it
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+"""onnxruntime's session option: where a graph loaded from bytes finds its external data file."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,17 @@ def rows_graph(model_file: Path) -> tuple[Path | None, int]:
             os.replace(Path(tmp) / "count", count_file)
     count = int(count_file.read_text())
     return (cached if count else None), count
+
+
+def open_retyped_session(library: Path, retyped: Path, model_dir: Path, options: Any) -> Any:
+    """An onnxruntime CPU session on a retyped graph: the kernel library registered, the graph read from the
+    kernel cache, its weights from the export's own data file in `model_dir`. `options` is the caller's
+    SessionOptions (threads, logging), completed here."""
+    import onnxruntime as ort
+
+    options.register_custom_ops_library(str(library))
+    options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(model_dir))
+    return ort.InferenceSession(retyped.read_bytes(), options, providers=["CPUExecutionProvider"])
 
 
 def _project_root() -> Path:
